@@ -1,0 +1,20 @@
+"""Test configuration: force the CPU, float32, and fixed seeds (CI has no accelerator)."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def perturbench_path():
+    """The real development dataset beside the repo; tests using it skip cleanly without it."""
+    path = SHARED_DATA / "perturbench_devel.h5ad"
+    if not path.exists():
+        pytest.skip(f"development data not found at {path}")
+    return path
