@@ -1,0 +1,869 @@
+"""Data layer: AnnData in, validated numpy arrays out.
+
+Every problem with the input is raised as a :class:`DataError` whose message names the
+problem and the fix, before any model computation starts. The loader never guesses about
+the scale of the data: counts must be whole numbers, log-normalized data must be converted
+explicitly (``total_counts_key=``) and continuous values must be asked for (``continuous=True``).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import warnings
+from collections import Counter
+from typing import Any, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "DataError",
+    "PerturbationData",
+    "load_perturbation_data",
+    "read_targets",
+    "summarize",
+]
+
+# Values of log1p(library-normalized) data stay below this: log1p(1e6) ~ 13.8 even for CPM.
+_LOGNORM_MAX = 20.0
+# Rows (dense) or stored entries handled per pass, so validation never copies a large matrix.
+_BLOCK_ENTRIES = 10_000_000
+# Labels that usually mean "unperturbed"; used only to suggest a `control=` value.
+_CONTROL_NAMES = ("control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "safe-targeting")
+# obs columns that often hold library sizes; used only to suggest a `total_counts_key=` value.
+_TOTAL_COUNTS_NAMES = ("total_counts", "n_counts", "ncounts", "nCount_RNA", "nUMI", "umi_count")
+
+
+class DataError(ValueError):
+    """Bad input data; the message says what is wrong and how to fix it."""
+
+
+class PerturbationData(NamedTuple):
+    """Validated arrays of a perturbation screen, ready for the model.
+
+    Attributes
+    ----------
+    counts : np.ndarray, shape (cells, genes), float32
+        Whole-number counts, or the values as given when ``is_counts`` is False.
+    size_factor : np.ndarray, shape (cells,), float32
+        Library size divided by the median library size; all 1.0 when not counts.
+    condition : np.ndarray, shape (cells,), int32
+        Index of each cell's condition into ``conditions``.
+    conditions : tuple of str, length conditions
+        Canonical condition labels (parts sorted, joined by ``sep``); ``conditions[0]`` is
+        always the control label.
+    perturbations : tuple of str, length perturbations
+        Sorted single perturbation labels seen in the non-control conditions.
+    design : np.ndarray, shape (conditions, perturbations), float32
+        1 where a perturbation label is part of a condition; the control row is all 0.
+    targets : np.ndarray, shape (perturbations, genes), float32
+        1 where a gene is an on-target gene of a perturbation label.
+    genes : tuple of str, length genes
+        Modelled genes, in the column order of ``counts``.
+    is_counts : bool
+        True for counts (negative-binomial likelihood), False for continuous values.
+    perturbation_key, control, sep : str
+        The obs column, control label and combination separator the data were read with.
+    """
+
+    counts: np.ndarray
+    size_factor: np.ndarray
+    condition: np.ndarray
+    conditions: tuple[str, ...]
+    perturbations: tuple[str, ...]
+    design: np.ndarray
+    targets: np.ndarray
+    genes: tuple[str, ...]
+    is_counts: bool
+    perturbation_key: str
+    control: str
+    sep: str
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def n_conditions(self) -> int:
+        return len(self.conditions)
+
+    @property
+    def n_perturbations(self) -> int:
+        return len(self.perturbations)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _few(names, limit: int = 8) -> str:
+    """Quote up to `limit` names, saying how many were left out."""
+    names = [str(n) for n in names]
+    shown = ", ".join(repr(n) for n in names[:limit])
+    if len(names) > limit:
+        shown += f", ... ({len(names) - limit} more)"
+    return shown
+
+
+def _close(name: str, candidates, n: int = 3) -> str:
+    """' (did you mean ...?)' with the closest candidates, or ''."""
+    candidates = list(candidates)
+    # Case slips (Mt-Co1 vs MT-CO1) score low in difflib, so look for them first.
+    matches = [c for c in candidates if c.lower() == name.lower()][:n]
+    matches = matches or difflib.get_close_matches(name, candidates, n=n)
+    return f" (did you mean {_few(matches)}?)" if matches else ""
+
+
+def _suggestions(names, candidates, describe=repr, limit: int = 5) -> str:
+    """One line per name that has a close candidate; names without one add nothing."""
+    lines = []
+    # difflib is slow against tens of thousands of genes: look at the first few names only.
+    for name in list(names)[: 2 * limit]:
+        hint = _close(name, candidates)
+        if hint:
+            lines.append(f"\n  {describe(name)}{hint}")
+        if len(lines) == limit:
+            break
+    return "".join(lines)
+
+
+def _as_matrix(x: Any):
+    """Return `x` as a scipy CSR matrix or a numpy array, loading backed data into memory."""
+    if sp.issparse(x):
+        csr = sp.csr_matrix(x)
+        if not csr.has_canonical_format:
+            # Duplicate entries would break the entry-wise checks; merge them on a copy.
+            csr = csr.copy()
+            csr.sum_duplicates()
+        return csr
+    if hasattr(x, "to_memory"):  # anndata backed sparse dataset
+        return _as_matrix(x.to_memory())
+    return np.asarray(x)
+
+
+def _row_of_entry(csr: sp.csr_matrix) -> np.ndarray:
+    """Row index of every stored entry of a CSR matrix, shape (nnz,)."""
+    return np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+
+
+def _value_blocks(matrix):
+    """Yield 1-D blocks of the stored values (all values when dense, non-zeros when sparse)."""
+    if sp.issparse(matrix):
+        for start in range(0, matrix.data.size, _BLOCK_ENTRIES):
+            yield matrix.data[start : start + _BLOCK_ENTRIES]
+        return
+    rows = max(1, _BLOCK_ENTRIES // max(1, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], rows):
+        yield np.asarray(matrix[start : start + rows]).ravel()
+
+
+class _Stats(NamedTuple):
+    n_nonfinite: int
+    n_negative: int
+    n_nonzero: int
+    n_fractional: int  # finite non-zero values that are not whole numbers
+    example_fractional: float | None
+    max: float  # over finite values; 0.0 when there are none
+    min: float
+
+
+def _value_stats(matrix) -> _Stats:
+    """One pass over a matrix collecting what the validation messages need."""
+    n_nonfinite = n_negative = n_nonzero = n_fractional = 0
+    example = None
+    vmax, vmin = 0.0, 0.0
+    is_integer_dtype = np.issubdtype(matrix.dtype, np.integer) or matrix.dtype == bool
+    for block in _value_blocks(matrix):
+        if is_integer_dtype:
+            finite = block
+        else:
+            ok = np.isfinite(block)
+            n_nonfinite += int(block.size - ok.sum())
+            finite = block[ok]
+        if finite.size == 0:
+            continue
+        vmax = max(vmax, float(finite.max()))
+        vmin = min(vmin, float(finite.min()))
+        n_negative += int((finite < 0).sum())
+        nonzero = finite[finite != 0]
+        n_nonzero += nonzero.size
+        if not is_integer_dtype:
+            fractional = nonzero[nonzero != np.round(nonzero)]
+            n_fractional += fractional.size
+            if example is None and fractional.size:
+                example = float(fractional[0])
+    return _Stats(n_nonfinite, n_negative, n_nonzero, n_fractional, example, vmax, vmin)
+
+
+def _row_totals(matrix) -> np.ndarray:
+    """Sum over all columns, shape (rows,), float64."""
+    return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
+
+
+def _column_sums(matrix) -> np.ndarray:
+    """Sum over all rows, shape (columns,), float64."""
+    return np.asarray(matrix.sum(axis=0, dtype=np.float64)).ravel()
+
+
+# --------------------------------------------------------------------------- targets file
+
+
+def _check_target_mapping(mapping: Any, where: str) -> dict[str, list[str]]:
+    """Validate a {label: [gene, ...]} mapping; a string value becomes a one-element list."""
+    if not isinstance(mapping, dict):
+        raise DataError(
+            f"{where} must be a mapping from perturbation label to target genes, e.g. "
+            f'{{"KLF1": ["KLF1"], "sgMYC_1": ["MYC"]}}; got {type(mapping).__name__}.'
+        )
+    clean: dict[str, list[str]] = {}
+    for label, genes in mapping.items():
+        if isinstance(genes, str):
+            genes = [genes]
+        if not isinstance(genes, (list, tuple)) or not all(isinstance(g, str) for g in genes):
+            raise DataError(
+                f"{where}: the targets of {label!r} must be a gene name or a list of gene names, "
+                f"got {genes!r}. Write it as {json.dumps({str(label): ['GENE']})}."
+            )
+        clean[str(label)] = list(genes)
+    return clean
+
+
+def read_targets(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Read a JSON file mapping perturbation labels to their on-target genes.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        JSON file holding an object ``{"label": ["GENE1", ...], ...}``; a string value
+        is read as a one-element list.
+
+    Returns
+    -------
+    dict of str to list of str
+        Target genes of each label named in the file.
+
+    Raises
+    ------
+    DataError
+        When the file is missing, is not valid JSON, or does not have that shape.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            mapping = json.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"targets file {str(path)!r} does not exist; check the path.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"targets file {str(path)!r} is not valid JSON ({error}). It must hold an object like "
+            f'{{"KLF1": ["KLF1"], "sgMYC_1": ["MYC"]}}.'
+        ) from None
+    return _check_target_mapping(mapping, f"targets file {str(path)!r}")
+
+
+# --------------------------------------------------------------------------- loader steps
+
+
+def _check_arguments(
+    adata, perturbation_key, control, sep, genes, n_top_genes, continuous, total_counts_key,
+    target_sum, min_cells_per_condition, min_genes,
+) -> None:
+    """Reject bad argument combinations before touching the data."""
+    if not all(hasattr(adata, name) for name in ("obs", "var_names", "X", "layers")):
+        raise DataError(
+            f"expected an AnnData object, got {type(adata).__name__}; read the file with "
+            "anndata.read_h5ad(path) first."
+        )
+    for name, value in (("perturbation_key", perturbation_key), ("control", control), ("sep", sep)):
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{name} must be a non-empty string, got {value!r}.")
+    if continuous and total_counts_key is not None:
+        raise DataError(
+            "continuous=True uses the values as they are, so total_counts_key= (which converts "
+            "log-normalized data to counts) does not apply; pass one or the other."
+        )
+    if genes is not None and n_top_genes is not None:
+        raise DataError("pass either genes= (an explicit gene list) or n_top_genes=, not both.")
+    if isinstance(genes, str):
+        raise DataError(f"genes= must be a list of gene names, got the string {genes!r}; wrap it in a list.")
+    if n_top_genes is not None and (
+        isinstance(n_top_genes, bool) or not isinstance(n_top_genes, (int, np.integer)) or n_top_genes < 1
+    ):
+        raise DataError(f"n_top_genes must be a positive integer or None, got {n_top_genes!r}.")
+    if not np.isfinite(target_sum) or target_sum <= 0:
+        raise DataError(f"target_sum must be a positive number, got {target_sum!r}.")
+    if min_cells_per_condition < 1 or min_genes < 1:
+        raise DataError("min_cells_per_condition and min_genes must be at least 1.")
+
+
+def _layer_names(adata) -> list[str]:
+    """Names of the layers; anndata >= 0.12 also lists X under the key None, which is left out."""
+    return [str(name) for name in adata.layers.keys() if name is not None]
+
+
+def _select_source(adata, layer, continuous, total_counts_key) -> tuple[Any, str]:
+    """Pick the matrix to read and describe it for messages ('layer "counts"', 'X')."""
+    layers = _layer_names(adata)
+    if layer is not None:
+        if layer not in layers:
+            available = _few(layers) if layers else "none"
+            raise DataError(
+                f"layer {layer!r} is not in adata.layers (available layers: {available}). "
+                "Pass layer= naming one of them, or layer=None to use adata.X."
+            )
+        return adata.layers[layer], f"layer {layer!r}"
+    # A "counts" layer is the scanpy/scvi-tools convention for raw counts kept next to a
+    # normalized X; it is the wrong matrix for continuous values or an explicit conversion of X.
+    if not continuous and total_counts_key is None and "counts" in adata.layers:
+        return adata.layers["counts"], "layer 'counts'"
+    return adata.X, "adata.X"
+
+
+def _lognorm_hint(adata) -> str:
+    """The three ways out when counts look log-normalized, with the user's own names."""
+    layers = _layer_names(adata)
+    layer_hint = (
+        f"pass layer= naming a layer that holds raw counts (available layers: {_few(layers)})"
+        if layers
+        else "pass layer= naming a layer that holds raw counts (this AnnData has no layers)"
+    )
+    found = [c for c in adata.obs.columns if str(c) in _TOTAL_COUNTS_NAMES]
+    key_hint = f"total_counts_key={str(found[0])!r}" if found else "total_counts_key=<obs column>"
+    return (
+        f"Either {layer_hint}; or convert explicitly with {key_hint} (CLI --total-counts-key), "
+        "naming the obs column of total counts per cell before normalization, which computes "
+        "round(expm1(X) * total_counts / target_sum); or model the values as they are with "
+        "continuous=True (CLI --likelihood gaussian)."
+    )
+
+
+def _validate_counts(adata, matrix, where: str) -> None:
+    """Counts must be finite, non-negative whole numbers; say which rule failed and why."""
+    stats = _value_stats(matrix)
+    if stats.n_nonfinite:
+        raise DataError(
+            f"{where} has {stats.n_nonfinite} NaN or infinite values; counts must be finite. "
+            "Fix the matrix (e.g. replace NaN by 0 where a gene was not measured) or pass layer= "
+            "naming a clean counts layer."
+        )
+    if stats.n_negative:
+        raise DataError(
+            f"{where} has {stats.n_negative} negative values (minimum {stats.min:.4g}); counts "
+            "cannot be negative. If the data are scaled or centred, pass continuous=True "
+            "(CLI --likelihood gaussian); if a layer holds raw counts, pass layer=."
+        )
+    if stats.n_fractional:
+        looks_lognorm = stats.max <= _LOGNORM_MAX and (
+            stats.n_fractional >= 0.5 * stats.n_nonzero or "log1p" in adata.uns
+        )
+        if looks_lognorm:
+            raise DataError(
+                f"{where} does not hold counts: the data look log-normalized ({stats.n_fractional} "
+                f"of {stats.n_nonzero} non-zero values are not whole numbers, e.g. "
+                f"{stats.example_fractional:.4g}, and the maximum is {stats.max:.3g}). "
+                + _lognorm_hint(adata)
+            )
+        raise DataError(
+            f"{where} has {stats.n_fractional} non-integer values (e.g. {stats.example_fractional:.4g}); "
+            "counts must be whole numbers. Pass layer= naming a layer of raw counts, or "
+            "continuous=True (CLI --likelihood gaussian) to model the values as they are."
+        )
+
+
+def _validate_continuous(matrix, where: str) -> None:
+    stats = _value_stats(matrix)
+    if stats.n_nonfinite:
+        raise DataError(
+            f"{where} has {stats.n_nonfinite} NaN or infinite values; continuous values must be "
+            "finite. Impute or drop them (or the affected genes) before loading."
+        )
+
+
+def _convert_lognorm(adata, matrix, where: str, total_counts_key: str, target_sum: float):
+    """Undo log1p(library normalization): counts = round(expm1(X) * totals / target_sum).
+
+    Returns
+    -------
+    counts : scipy CSR matrix or np.ndarray, shape (cells, all genes), float32
+    totals : np.ndarray, shape (cells,), float64
+        The library sizes from ``obs[total_counts_key]``.
+    """
+    if total_counts_key not in adata.obs.columns:
+        raise DataError(
+            f"total_counts_key {total_counts_key!r} is not a column of adata.obs (columns: "
+            f"{_few(adata.obs.columns, 20)}). Pass the column that holds each cell's total counts "
+            "before normalization."
+        )
+    try:
+        totals = adata.obs[total_counts_key].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"obs[{total_counts_key!r}] must be numeric total counts per cell; it holds "
+            f"{adata.obs[total_counts_key].dtype} values."
+        ) from None
+    bad = ~np.isfinite(totals) | (totals <= 0)
+    if bad.any():
+        raise DataError(
+            f"obs[{total_counts_key!r}] has {int(bad.sum())} cells with missing, infinite, zero or "
+            "negative total counts; every cell needs a positive library size. Drop those cells "
+            f"(e.g. adata = adata[adata.obs[{total_counts_key!r}] > 0]) or check the column."
+        )
+    stats = _value_stats(matrix)
+    if stats.n_nonfinite or stats.n_negative:
+        raise DataError(
+            f"{where} has {stats.n_nonfinite} NaN/infinite and {stats.n_negative} negative values, "
+            "so it is not log1p-normalized data and cannot be converted to counts."
+        )
+    if stats.n_nonzero and not stats.n_fractional:
+        raise DataError(
+            f"{where} already holds whole-number counts; drop total_counts_key= so the counts are "
+            "used as they are."
+        )
+    if stats.max > _LOGNORM_MAX:
+        raise DataError(
+            f"{where} has values up to {stats.max:.3g}, too large for log1p-normalized data; "
+            "total_counts_key= expects X = log1p(counts / total_counts * target_sum)."
+        )
+    scale = totals / target_sum
+    if sp.issparse(matrix):
+        # expm1(0) = 0, so only the stored entries change.
+        raw = np.expm1(matrix.data.astype(np.float64)) * scale[_row_of_entry(matrix)]
+        rounded = np.round(raw)
+        counts = sp.csr_matrix(
+            (rounded.astype(np.float32), matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape
+        )
+        counts.eliminate_zeros()
+        near = np.abs(raw - rounded) <= 0.05
+        n_near, n_nonzero = int(near.sum()), raw.size
+    else:
+        counts = np.empty(matrix.shape, dtype=np.float32)
+        n_near = n_nonzero = 0
+        rows = max(1, _BLOCK_ENTRIES // max(1, matrix.shape[1]))
+        for start in range(0, matrix.shape[0], rows):
+            stop = start + rows
+            raw = np.expm1(np.asarray(matrix[start:stop], dtype=np.float64)) * scale[start:stop, None]
+            rounded = np.round(raw)
+            counts[start:stop] = rounded
+            nonzero = raw != 0
+            n_near += int((np.abs(raw - rounded)[nonzero] <= 0.05).sum())
+            n_nonzero += int(nonzero.sum())
+    if n_nonzero and n_near < 0.5 * n_nonzero:
+        warnings.warn(
+            f"converting {where} to counts with total_counts_key={total_counts_key!r} and "
+            f"target_sum={target_sum:g}: only {n_near / n_nonzero:.0%} of non-zero values were within "
+            "0.05 of a whole number before rounding, so the data may not be "
+            "log1p(counts / total_counts * target_sum); check target_sum and the total counts column.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return counts, totals
+
+
+def _parse_labels(adata, perturbation_key: str, control: str, sep: str, min_cells: int):
+    """Parse the perturbation labels into canonical conditions.
+
+    Returns
+    -------
+    condition : np.ndarray, shape (cells,), int32
+    conditions : tuple of str
+        Control first, then single perturbations, then combinations, each group sorted.
+    parts : list of tuple of str
+        Sorted single labels composing each condition (empty for the control).
+    """
+    if perturbation_key not in adata.obs.columns:
+        raise DataError(
+            f"perturbation_key {perturbation_key!r} is not a column of adata.obs (columns: "
+            f"{_few(adata.obs.columns, 20)}). Pass perturbation_key= naming the column that holds "
+            "each cell's perturbation label."
+        )
+    column = adata.obs[perturbation_key]
+    missing = column.isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            f"obs[{perturbation_key!r}] has {int(missing.sum())} cells with a missing label; every "
+            f"cell needs one. Drop them (adata = adata[adata.obs[{perturbation_key!r}].notna()]) or "
+            f"label unperturbed cells {control!r}."
+        )
+    labels = column.astype(str).to_numpy()
+    unique, inverse = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(inverse, minlength=unique.size)
+    unique = [str(label) for label in unique]  # plain str, so messages do not print np.str_(...)
+
+    empty, bad_parts, parsed = [], [], []
+    for label in unique:
+        if not label.strip():
+            empty.append(label)
+            parsed.append(())
+            continue
+        pieces = [piece.strip() for piece in label.split(sep)]
+        if any(not piece for piece in pieces):
+            bad_parts.append(label)
+        # GEARS writes single perturbations as "A+ctrl": a control part means "nothing added".
+        parsed.append(tuple(sorted({piece for piece in pieces if piece and piece != control})))
+    if empty:
+        raise DataError(
+            f"obs[{perturbation_key!r}] has {int(sizes[np.isin(unique, empty)].sum())} cells with an "
+            f"empty label; label unperturbed cells {control!r} or drop those cells."
+        )
+    if bad_parts:
+        raise DataError(
+            f"labels {_few(bad_parts)} in obs[{perturbation_key!r}] have an empty part when split on "
+            f"sep={sep!r} (e.g. 'A{sep}{sep}B' or a leading/trailing {sep!r}). Fix the labels, or pass "
+            "sep= if combinations use another separator."
+        )
+
+    if not any(len(p) == 0 for p in parsed):
+        order = np.argsort(-sizes, kind="stable")[:8]
+        common = ", ".join(f"{unique[i]!r} ({sizes[i]} cells)" for i in order)
+        lowered = {label.lower(): label for label in unique}
+        likely = [lowered[name] for name in _CONTROL_NAMES if name in lowered]
+        hint = (
+            f" The labels include {_few(likely)}, which looks like a control: pass control={likely[0]!r}."
+            if likely
+            else " Common control labels are 'control', 'ctrl' and 'non-targeting'."
+        )
+        raise DataError(
+            f"no cells have the control label {control!r} in obs[{perturbation_key!r}]; most common "
+            f"labels: {common}. Pass control= (CLI --control) naming the label of unperturbed cells."
+            + hint
+        )
+
+    canonical = sorted({p for p in parsed if p}, key=lambda p: (len(p), p))
+    condition_parts = [()] + canonical
+    index_of = {p: i for i, p in enumerate(condition_parts)}
+    condition = np.array([index_of[p] for p in parsed], dtype=np.int32)[inverse]
+    conditions = tuple(control if not p else sep.join(p) for p in condition_parts)
+
+    cells = np.bincount(condition, minlength=len(conditions))
+    small = np.flatnonzero(cells < min_cells)
+    if small.size:
+        named = ", ".join(f"{conditions[i]!r} ({cells[i]} cells)" for i in small[:10])
+        too_small = set(small.tolist()) - {0}
+        raw = [str(label) for label, p in zip(unique, parsed) if index_of[p] in too_small]
+        fix = (
+            f"Drop them, e.g. adata = adata[~adata.obs[{perturbation_key!r}].isin({raw!r})], "
+            f"or lower min_cells_per_condition (now {min_cells})."
+            if raw
+            else f"Lower min_cells_per_condition (now {min_cells})."
+        )
+        control_note = " The control needs more cells: every effect is measured against it." if 0 in small else ""
+        raise DataError(
+            f"{small.size} conditions have fewer than {min_cells} cells: {named}; too few to "
+            f"estimate a condition's effect.{control_note} {fix}"
+        )
+    return condition, conditions, condition_parts
+
+
+def _resolve_genes(var_names: list[str], genes) -> list[int] | None:
+    """Column indices of an explicit gene list, or None when no list was given."""
+    if genes is None:
+        return None
+    requested = [str(g) for g in genes]
+    duplicated = [g for g, n in Counter(requested).items() if n > 1]
+    if duplicated:
+        raise DataError(f"genes= lists {_few(duplicated)} more than once; list each gene once.")
+    position = {g: i for i, g in enumerate(var_names)}
+    unknown = [g for g in requested if g not in position]
+    if unknown:
+        hints = _suggestions(unknown, var_names)
+        raise DataError(
+            f"{len(unknown)} of the {len(requested)} genes in genes= are not in adata.var_names: "
+            f"{_few(unknown)}.{hints}\nCheck the spelling and the gene identifier type (symbols vs "
+            "Ensembl IDs) of adata.var_names."
+        )
+    return [position[g] for g in requested]
+
+
+def _resolve_target_names(perturbations, mapping, var_set: set[str], var_names) -> dict[str, list[str]]:
+    """Target gene names (in var_names) of each perturbation label, defaults overridden by `mapping`."""
+    unknown_labels = [label for label in mapping if label not in set(perturbations)]
+    if unknown_labels:
+        hints = _suggestions(unknown_labels, perturbations)
+        raise DataError(
+            f"the targets mapping names {len(unknown_labels)} labels that are not perturbation labels "
+            f"in the data: {_few(unknown_labels)}.{hints}\nPerturbation labels in the data include "
+            f"{_few(perturbations)}; remove the others from the mapping."
+        )
+    missing = [(label, g) for label, genes in mapping.items() for g in genes if g not in var_set]
+    if missing:
+        listed = _few(f"{g} (targets of {label})" for label, g in missing)
+        hints = _suggestions([g for _, g in missing], var_names)
+        raise DataError(
+            f"the targets mapping names {len(missing)} target genes that are not in adata.var_names: "
+            f"{listed}.{hints}\nCheck the spelling and gene identifier type, or remove them from the mapping."
+        )
+    names = {}
+    for label in perturbations:
+        if label in mapping:
+            names[label] = list(dict.fromkeys(mapping[label]))
+        else:
+            # By default a label that is a gene name targets that gene (CRISPRi/a, GEARS style).
+            names[label] = [label] if label in var_set else []
+    return names
+
+
+def _gene_variance(matrix, size_factor: np.ndarray | None) -> np.ndarray:
+    """Per-gene variance of log1p(counts / size_factor), or of the values when size_factor is None.
+
+    Returns
+    -------
+    np.ndarray, shape (genes,), float64
+    """
+    n_cells = matrix.shape[0]
+    if sp.issparse(matrix):
+        values = matrix.data.astype(np.float64)
+        if size_factor is not None:
+            # log1p(0 / s) = 0, so only stored entries change.
+            values = np.log1p(values / size_factor[_row_of_entry(matrix)])
+        total = np.bincount(matrix.indices, weights=values, minlength=matrix.shape[1])
+        square = np.bincount(matrix.indices, weights=values * values, minlength=matrix.shape[1])
+        mean = total / n_cells
+        return np.maximum(square / n_cells - mean * mean, 0.0)
+    variance = np.empty(matrix.shape[1])
+    columns = max(1, _BLOCK_ENTRIES // max(1, n_cells))
+    for start in range(0, matrix.shape[1], columns):
+        block = np.asarray(matrix[:, start : start + columns], dtype=np.float64)
+        if size_factor is not None:
+            block = np.log1p(block / size_factor[:, None])
+        variance[start : start + columns] = block.var(axis=0)
+    return variance
+
+
+# --------------------------------------------------------------------------- public loader
+
+
+def load_perturbation_data(
+    adata,
+    *,
+    perturbation_key: str = "condition",
+    control: str = "ctrl",
+    sep: str = "+",
+    layer: str | None = None,
+    targets: dict[str, list[str]] | str | os.PathLike | None = None,
+    genes=None,
+    n_top_genes: int | None = None,
+    continuous: bool = False,
+    total_counts_key: str | None = None,
+    target_sum: float = 1e4,
+    min_cells_per_condition: int = 2,
+    min_genes: int = 2,
+) -> PerturbationData:
+    """Validate a perturbation screen stored in AnnData and return model-ready arrays.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData, shape (cells, all genes)
+        The screen. Counts are read from ``layer`` if given, else ``layers["counts"]`` if
+        present, else ``X``; continuous values from ``layer`` if given, else ``X``. Dense
+        and scipy.sparse matrices work; only the modelled genes are densified.
+    perturbation_key : str
+        obs column with each cell's perturbation label.
+    control : str
+        Label of unperturbed cells. Label parts equal to it are dropped ("A+ctrl" is "A").
+    sep : str
+        Separator of combination labels; "A+B" and "B+A" are the same condition.
+    layer : str, optional
+        Layer to read instead of the default.
+    targets : dict or path to JSON, optional
+        On-target genes of perturbation labels, ``{"label": ["GENE", ...]}``; overrides the
+        default (a label that is a modelled gene targets that gene) for the labels it names.
+    genes : list of str, optional
+        Genes to model, in this order. Default: all genes (or ``n_top_genes``).
+    n_top_genes : int, optional
+        Model the most variable genes (variance of log1p(counts / size factor), or of the
+        values when continuous) plus every on-target gene in var_names.
+    continuous : bool
+        Use the values as they are (gaussian likelihood); size factors are all 1.
+    total_counts_key : str, optional
+        Explicit opt-in for log1p(library-normalized) data: obs column of total counts per
+        cell; counts are round(expm1(X) * obs[total_counts_key] / target_sum).
+    target_sum : float
+        Normalization total used to make X (scanpy's ``normalize_total(target_sum=...)``).
+    min_cells_per_condition : int
+        Conditions (control included) with fewer cells are an error.
+    min_genes : int
+        Fewer modelled genes are an error.
+
+    Returns
+    -------
+    PerturbationData
+
+    Raises
+    ------
+    DataError
+        For every problem with the input, before any computation on it.
+
+    Warns
+    -----
+    UserWarning
+        When modelled genes have zero total counts, a mapping target exists but is not
+        modelled, or the log-normalized conversion lands far from whole numbers.
+
+    Notes
+    -----
+    Size factors are each cell's total over all genes of the source matrix divided by the
+    median total. With ``total_counts_key`` the totals are ``obs[total_counts_key]``: the
+    library size before normalization, which a gene-subset matrix cannot reconstruct.
+    """
+    _check_arguments(
+        adata, perturbation_key, control, sep, genes, n_top_genes, continuous, total_counts_key,
+        target_sum, min_cells_per_condition, min_genes,
+    )
+    var_names = [str(g) for g in adata.var_names]
+    duplicated = [g for g, n in Counter(var_names).items() if n > 1]
+    if duplicated:
+        raise DataError(
+            f"adata.var_names has duplicated gene names ({_few(duplicated)}), so genes cannot be "
+            "looked up by name. Run adata.var_names_make_unique() first."
+        )
+    gene_index = _resolve_genes(var_names, genes)
+    if gene_index is not None and len(gene_index) < min_genes:
+        raise DataError(
+            f"genes= lists {len(gene_index)} genes but at least min_genes={min_genes} are needed; "
+            "pass more genes."
+        )
+    if len(var_names) < min_genes:
+        raise DataError(
+            f"adata has {len(var_names)} genes but at least min_genes={min_genes} are needed."
+        )
+    raw_matrix, where = _select_source(adata, layer, continuous, total_counts_key)
+    matrix = _as_matrix(raw_matrix)
+    if matrix.ndim != 2 or matrix.shape != (adata.n_obs, len(var_names)):
+        raise DataError(f"{where} has shape {matrix.shape}, expected (cells, genes) = {adata.shape}.")
+
+    # The scale of the values comes first: it decides what every later step means.
+    totals = None
+    if continuous:
+        _validate_continuous(matrix, where)
+    elif total_counts_key is not None:
+        matrix, totals = _convert_lognorm(adata, matrix, where, total_counts_key, target_sum)
+    else:
+        _validate_counts(adata, matrix, where)
+
+    condition, conditions, condition_parts = _parse_labels(
+        adata, perturbation_key, control, sep, min_cells_per_condition
+    )
+    perturbations = tuple(sorted({label for parts in condition_parts for label in parts}))
+
+    mapping = {}
+    if targets is not None:
+        mapping = read_targets(targets) if isinstance(targets, (str, os.PathLike)) else (
+            _check_target_mapping(targets, "targets=")
+        )
+    var_set = set(var_names)
+    target_names = _resolve_target_names(perturbations, mapping, var_set, var_names)
+
+    if continuous:
+        size_factor = np.ones(adata.n_obs)
+    else:
+        if totals is None:
+            totals = _row_totals(matrix)
+        empty = np.flatnonzero(totals <= 0)
+        if empty.size:
+            raise DataError(
+                f"{empty.size} cells have zero total counts over all genes (e.g. "
+                f"{_few(adata.obs_names[empty[:3]])}); they carry no information and break size "
+                "factors. Remove them with scanpy.pp.filter_cells(adata, min_counts=1)."
+            )
+        size_factor = totals / np.median(totals)
+
+    if gene_index is None:
+        if n_top_genes is None:
+            gene_index = list(range(len(var_names)))
+        else:
+            variance = _gene_variance(matrix, None if continuous else size_factor)
+            top = np.argsort(-variance, kind="stable")[: int(n_top_genes)]
+            position = {g: i for i, g in enumerate(var_names)}
+            targeted = {position[g] for names in target_names.values() for g in names}
+            # Keep var_names order so column order does not depend on the selection rule.
+            gene_index = sorted(set(top.tolist()) | targeted)
+    if len(gene_index) < min_genes:
+        raise DataError(
+            f"only {len(gene_index)} genes were selected but at least min_genes={min_genes} are "
+            "needed; raise n_top_genes."
+        )
+    modelled = tuple(var_names[i] for i in gene_index)
+    column_of = {g: j for j, g in enumerate(modelled)}
+
+    target_matrix = np.zeros((len(perturbations), len(modelled)), dtype=np.float32)
+    unmodelled = []
+    for row, label in enumerate(perturbations):
+        for gene in target_names[label]:
+            if gene in column_of:
+                target_matrix[row, column_of[gene]] = 1.0
+            elif label in mapping:
+                unmodelled.append(f"{gene} ({label})")
+    if unmodelled:
+        warnings.warn(
+            f"{len(unmodelled)} target genes from the targets mapping are in adata.var_names but not "
+            f"among the modelled genes, so they are not modelled as targets: {_few(unmodelled)}. "
+            "Add them to genes= to model them.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    design = np.zeros((len(conditions), len(perturbations)), dtype=np.float32)
+    label_column = {label: j for j, label in enumerate(perturbations)}
+    for row, parts in enumerate(condition_parts):
+        for label in parts:
+            design[row, label_column[label]] = 1.0
+
+    selected = matrix[:, gene_index]
+    counts = np.asarray(selected.toarray() if sp.issparse(selected) else selected, dtype=np.float32)
+    if not continuous:
+        silent = [modelled[j] for j in np.flatnonzero(_column_sums(counts) == 0)]
+        if silent:
+            warnings.warn(
+                f"{len(silent)} modelled genes have zero counts in every cell: {_few(silent)}. They "
+                "are kept but carry no information; pass genes= without them to drop them.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    return PerturbationData(
+        counts=counts,
+        size_factor=size_factor.astype(np.float32),
+        condition=condition.astype(np.int32),
+        conditions=conditions,
+        perturbations=perturbations,
+        design=design,
+        targets=target_matrix,
+        genes=modelled,
+        is_counts=not continuous,
+        perturbation_key=perturbation_key,
+        control=control,
+        sep=sep,
+    )
+
+
+def summarize(data: PerturbationData) -> str:
+    """A few lines describing loaded data, for logs and the CLI.
+
+    Parameters
+    ----------
+    data : PerturbationData
+
+    Returns
+    -------
+    str
+        Newline-separated summary without a trailing newline.
+    """
+    order = data.design.sum(axis=1)[1:].astype(int)
+    singles, doubles = int((order == 1).sum()), int((order == 2).sum())
+    higher = int((order > 2).sum())
+    cells = np.bincount(data.condition, minlength=data.n_conditions)
+    targeted = [label for label, row in zip(data.perturbations, data.targets) if row.any()]
+    kind = "counts" if data.is_counts else "continuous values"
+    combos = f"{doubles} doubles" + (f", {higher} higher-order" if higher else "")
+    return "\n".join(
+        [
+            f"{data.n_cells} cells x {data.n_genes} genes ({kind})",
+            f"{data.n_conditions} conditions: control {data.control!r} ({cells[0]} cells), "
+            f"{singles} singles, {combos}; cells per condition {cells.min()}-{cells.max()}",
+            f"{data.n_perturbations} perturbation labels from obs[{data.perturbation_key!r}] (sep {data.sep!r})",
+            f"{len(targeted)} labels with modelled targets" + (f": {_few(targeted, 10)}" if targeted else ""),
+        ]
+    )

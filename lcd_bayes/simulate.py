@@ -1,0 +1,592 @@
+"""Synthetic perturbation screens from a linear latent causal diffusion.
+
+The latent expression of a cell in condition ``q`` follows the SDE
+
+    dx = (A x + b + c_q) dt + sigma dW,
+
+with drift matrix ``A`` (``A[k, j]`` is the direct effect of gene ``j`` on gene
+``k``), basal drift ``b`` and the summed shift interventions ``c_q`` of the
+perturbation labels in ``q``. Cells are exact draws from the stationary law
+``N(mu_q, Sigma)`` with ``mu_q = -A^{-1} (b + c_q)`` and ``Sigma`` solving the
+continuous Lyapunov equation ``A Sigma + Sigma A^T + sigma^2 I = 0``. Counts are
+observed through negative-binomial (or Poisson) noise with per-cell size
+factors, or the latent states are observed with additive Gaussian noise.
+
+The protocol follows the synthetic linear systems of the Latent Causal
+Diffusions paper: an Erdős–Rényi graph, signed weights of magnitude
+``U[1, 3]``, a diagonal shift that makes the drift stable, and on-target shift
+interventions of magnitude ``U[5, 15]``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import anndata
+import numpy as np
+import pandas as pd
+from scipy.linalg import solve_continuous_lyapunov
+
+__all__ = [
+    "CONTROL_LABEL",
+    "LIKELIHOODS",
+    "SHIFT_SIGNS",
+    "LinearSystem",
+    "random_linear_system",
+    "stationary_moments",
+    "simulate",
+    "truth_from_uns",
+]
+
+CONTROL_LABEL = "ctrl"
+LIKELIHOODS = ("nb", "poisson", "gaussian")
+SHIFT_SIGNS = ("random", "positive", "negative")
+TRUTH_KEY = "lcd_truth"
+SIMULATION_KEY = "lcd_simulation"
+
+# Per-gene observation parameters that the protocol fixes rather than exposes.
+_GENE_SCALE_LOG_SD = 0.5
+_CONCENTRATION_LOG_MEAN = np.log(5.0)
+_CONCENTRATION_LOG_SD = 0.3
+
+
+class LinearSystem(NamedTuple):
+    """A linear latent causal diffusion ``dx = (A x + b) dt + sigma dW``.
+
+    Attributes
+    ----------
+    drift : numpy.ndarray, shape (genes, genes)
+        Drift matrix ``A``; ``A[k, j]`` is the direct effect of gene ``j`` on
+        gene ``k``. Stable: all eigenvalues have negative real part.
+    basal_drift : numpy.ndarray, shape (genes,)
+        Basal drift ``b`` shared by all conditions.
+    sigma : float
+        Scale of the isotropic Brownian noise.
+    """
+
+    drift: np.ndarray
+    basal_drift: np.ndarray
+    sigma: float
+
+    @property
+    def effect(self) -> np.ndarray:
+        """Causal effect matrix, shape (source, target): ``A.T`` with zero diagonal."""
+        effect = np.array(self.drift, dtype=float).T.copy()
+        np.fill_diagonal(effect, 0.0)
+        return effect
+
+
+# ---------------------------------------------------------------------------
+# Argument validation
+# ---------------------------------------------------------------------------
+
+
+def _as_int(name: str, value: Any, minimum: int) -> int:
+    """An integer argument ``>= minimum`` (numpy integers accepted, bools not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
+    return int(value)
+
+
+def _as_float(name: str, value: Any, *, positive: bool = False) -> float:
+    """A finite non-negative (or strictly positive) real argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number; got {value!r}")
+    value = float(value)
+    bound_ok = value > 0 if positive else value >= 0
+    if not np.isfinite(value) or not bound_ok:
+        what = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {what}; got {value}")
+    return value
+
+
+def _as_range(name: str, value: Any) -> tuple[float, float]:
+    """A ``(low, high)`` magnitude range with ``0 <= low <= high``, ``high > 0``."""
+    arr = np.asarray(value, dtype=float).reshape(-1)
+    if arr.shape != (2,) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be a pair (low, high) of finite numbers; got {value!r}")
+    low, high = float(arr[0]), float(arr[1])
+    if not 0.0 <= low <= high or high <= 0.0:
+        raise ValueError(f"{name} must satisfy 0 <= low <= high and high > 0; got ({low}, {high})")
+    return low, high
+
+
+def _resolve_n_perturbed(n_perturbed: Any, n_genes: int) -> int:
+    """Number of perturbed genes: None (all), an integer count, or a fraction.
+
+    An integer means a count in ``[1, n_genes]``; a float means a fraction in
+    ``(0, 1]`` of the genes (so ``1`` is one gene while ``1.0`` is all genes).
+    """
+    if n_perturbed is None:
+        return n_genes
+    if isinstance(n_perturbed, bool):
+        raise ValueError(f"n_perturbed must be None, an integer or a fraction; got {n_perturbed!r}")
+    if isinstance(n_perturbed, numbers.Integral):
+        if not 1 <= n_perturbed <= n_genes:
+            raise ValueError(
+                f"n_perturbed as an integer must be between 1 and n_genes={n_genes}; "
+                f"got {n_perturbed} (pass a float in (0, 1] for a fraction, or None for all)"
+            )
+        return int(n_perturbed)
+    if isinstance(n_perturbed, numbers.Real):
+        fraction = float(n_perturbed)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(
+                f"n_perturbed as a float is a fraction of genes and must be in (0, 1]; got {fraction}"
+            )
+        return max(1, int(round(fraction * n_genes)))
+    raise ValueError(f"n_perturbed must be None, an integer or a fraction; got {n_perturbed!r}")
+
+
+# ---------------------------------------------------------------------------
+# The linear system
+# ---------------------------------------------------------------------------
+
+
+def random_linear_system(
+    n_genes: int,
+    *,
+    expected_degree: float = 10.0,
+    weight_range: tuple[float, float] = (1.0, 3.0),
+    margin: float = 1.0,
+    control_mean_sd: float = 0.5,
+    sigma: float = 1.0,
+    rng: np.random.Generator | int,
+) -> LinearSystem:
+    """Draw a stable random linear system on an Erdős–Rényi graph.
+
+    Parameters
+    ----------
+    n_genes : int
+        Number of genes ``d >= 2``.
+    expected_degree : float
+        Expected number of edges (in + out) per gene; the edge probability of
+        each ordered pair is ``min(1, expected_degree / (2 (d - 1)))``.
+    weight_range : (float, float)
+        Range of edge weight magnitudes; signs are uniform.
+    margin : float
+        Stability margin: the spectral abscissa of the drift is ``-margin``.
+    control_mean_sd : float
+        Standard deviation of the per-gene control mean ``mu_0``.
+    sigma : float
+        Brownian noise scale.
+    rng : numpy.random.Generator or int
+        Random generator, or a seed for one.
+
+    Returns
+    -------
+    LinearSystem
+        ``drift`` (d, d), ``basal_drift`` (d,) with ``b = -A mu_0`` so that
+        unperturbed cells are centred on ``mu_0``, and ``sigma``.
+    """
+    d = _as_int("n_genes", n_genes, 2)
+    expected_degree = _as_float("expected_degree", expected_degree)
+    low, high = _as_range("weight_range", weight_range)
+    margin = _as_float("margin", margin, positive=True)
+    control_mean_sd = _as_float("control_mean_sd", control_mean_sd)
+    sigma = _as_float("sigma", sigma, positive=True)
+    rng = np.random.default_rng(rng)
+
+    # Each gene has 2 (d - 1) potential in/out edges, hence this probability.
+    p_edge = min(1.0, expected_degree / (2.0 * (d - 1)))
+    # Draw full matrices in a fixed order so the result depends only on the seed.
+    mask = rng.random((d, d)) < p_edge
+    np.fill_diagonal(mask, False)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(d, d))
+    magnitudes = rng.uniform(low, high, size=(d, d))
+    weights = np.where(mask, signs * magnitudes, 0.0)  # weights[k, j]: effect of j on k
+    control_mean = rng.normal(0.0, control_mean_sd, size=d)
+
+    # A zero-diagonal W has trace 0, so its largest real eigenvalue part is >= 0
+    # and the shift puts the spectral abscissa of A exactly at -margin; the
+    # outer max only guards against round-off making the diagonal non-negative.
+    max_real = float(np.max(np.linalg.eigvals(weights).real))
+    decay = max(max_real + margin, margin)
+    drift = weights - decay * np.eye(d)
+    basal_drift = -drift @ control_mean
+    return LinearSystem(drift=drift, basal_drift=basal_drift, sigma=sigma)
+
+
+def stationary_moments(system: LinearSystem, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the stationary law under a shift intervention.
+
+    Parameters
+    ----------
+    system : LinearSystem
+        Stable linear system.
+    shift : numpy.ndarray, shape (genes,) or (conditions, genes)
+        Shift intervention ``c_q`` added to the basal drift; a 2-D array gives
+        one mean per row.
+
+    Returns
+    -------
+    mean : numpy.ndarray, shape like ``shift``
+        ``-A^{-1} (b + c_q)``.
+    covariance : numpy.ndarray, shape (genes, genes)
+        Solution of ``A Sigma + Sigma A^T + sigma^2 I = 0`` (shift-independent).
+    """
+    drift = np.asarray(system.drift, dtype=float)
+    shift = np.asarray(shift, dtype=float)
+    d = drift.shape[0]
+    if shift.shape[-1:] != (d,) or shift.ndim > 2:
+        raise ValueError(f"shift must have shape ({d},) or (conditions, {d}); got {shift.shape}")
+    total = np.asarray(system.basal_drift, dtype=float) + shift
+    # Solve rather than invert: A can be ill-conditioned for large d.
+    mean = np.linalg.solve(drift, -total.T).T
+    covariance = solve_continuous_lyapunov(drift, -(system.sigma**2) * np.eye(d))
+    # The solver's output is symmetric only up to round-off; Cholesky wants exact.
+    covariance = 0.5 * (covariance + covariance.T)
+    return mean, covariance
+
+
+def _covariance_factor(covariance: np.ndarray) -> np.ndarray:
+    """A matrix ``L`` with ``L L^T = covariance`` (Cholesky, eigh as fallback)."""
+    try:
+        return np.linalg.cholesky(covariance)
+    except np.linalg.LinAlgError:
+        # Sigma is positive definite in exact arithmetic; round-off on
+        # ill-conditioned systems can break Cholesky, so clip tiny eigenvalues.
+        values, vectors = np.linalg.eigh(covariance)
+        return vectors * np.sqrt(np.clip(values, 0.0, None))
+
+
+# ---------------------------------------------------------------------------
+# Perturbation design
+# ---------------------------------------------------------------------------
+
+
+def _draw_design(
+    gene_names: list[str],
+    n_perturbed: int,
+    n_doubles: int,
+    shift_range: tuple[float, float],
+    shift_sign: str,
+    rng: np.random.Generator,
+) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """Draw perturbed genes, their on-target shifts and double perturbations.
+
+    Returns
+    -------
+    perturbations : list of str, length P
+        Single perturbation labels (the target gene names, in gene order).
+    shift : numpy.ndarray, shape (P, genes)
+        On-target shift vectors ``s e_g``.
+    conditions : list of str, length Q
+        ``"ctrl"``, then the singles, then the doubles ``"A+B"``.
+    condition_shift : numpy.ndarray, shape (Q, genes)
+        Summed shift ``c_q`` of each condition.
+    """
+    d = len(gene_names)
+    targets = np.sort(rng.choice(d, size=n_perturbed, replace=False))
+    # Always draw signs and magnitudes so shift_sign does not change other draws.
+    signs = rng.choice(np.array([-1.0, 1.0]), size=n_perturbed)
+    magnitudes = rng.uniform(*shift_range, size=n_perturbed)
+    if shift_sign == "positive":
+        signs = np.ones(n_perturbed)
+    elif shift_sign == "negative":
+        signs = -np.ones(n_perturbed)
+    perturbations = [gene_names[g] for g in targets]
+    shift = np.zeros((n_perturbed, d))
+    shift[np.arange(n_perturbed), targets] = signs * magnitudes
+
+    conditions = [CONTROL_LABEL, *perturbations]
+    condition_shift = [np.zeros((1, d)), shift]
+    if n_doubles > 0:
+        first, second = np.triu_indices(n_perturbed, k=1)
+        chosen = np.sort(rng.choice(first.size, size=n_doubles, replace=False))
+        for i, j in zip(first[chosen], second[chosen]):
+            conditions.append("+".join(sorted((perturbations[i], perturbations[j]))))
+        # Shifts are additive in the drift, so a double is the sum of its singles.
+        condition_shift.append(shift[first[chosen]] + shift[second[chosen]])
+    return perturbations, shift, conditions, np.concatenate(condition_shift, axis=0)
+
+
+# ---------------------------------------------------------------------------
+# Observation models
+# ---------------------------------------------------------------------------
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    """``log(1 + exp(x))`` without overflow."""
+    return np.logaddexp(0.0, x)
+
+
+def _observe_counts(
+    latent: np.ndarray,
+    likelihood: str,
+    mean_count: float,
+    size_factor_sd: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Negative-binomial or Poisson counts of latent states.
+
+    Parameters
+    ----------
+    latent : numpy.ndarray, shape (cells, genes)
+        Latent states ``x``.
+    likelihood : {"nb", "poisson"}
+    mean_count, size_factor_sd : float
+        Median gene scale and log-sd of the size factors.
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    counts : numpy.ndarray of int, shape (cells, genes)
+    params : dict
+        ``size_factor`` (cells,), ``gene_scale`` (genes,), ``concentration``
+        (genes,; drawn for both likelihoods, used by "nb" only).
+    """
+    n_cells, d = latent.shape
+    # Draw all parameters for both likelihoods so nb and poisson share them.
+    size_factor = rng.lognormal(0.0, size_factor_sd, size=n_cells)
+    gene_scale = rng.lognormal(np.log(mean_count), _GENE_SCALE_LOG_SD, size=d)
+    concentration = rng.lognormal(_CONCENTRATION_LOG_MEAN, _CONCENTRATION_LOG_SD, size=d)
+    mean = size_factor[:, None] * _softplus(latent) * gene_scale[None, :]
+    if likelihood == "nb":
+        # Gamma-Poisson mixture: mean m, variance m + m^2 / phi.
+        rate = rng.gamma(shape=concentration[None, :], scale=mean / concentration[None, :])
+    else:
+        rate = mean
+    counts = rng.poisson(rate)
+    if counts.max(initial=0) < np.iinfo(np.int32).max:
+        counts = counts.astype(np.int32)  # halves memory for large screens
+    params = {"size_factor": size_factor, "gene_scale": gene_scale, "concentration": concentration}
+    return counts, params
+
+
+# ---------------------------------------------------------------------------
+# Simulation
+# ---------------------------------------------------------------------------
+
+
+def simulate(
+    n_genes: int = 20,
+    *,
+    n_perturbed: int | float | None = None,
+    n_doubles: int = 0,
+    cells_per_condition: int = 200,
+    expected_degree: float = 10.0,
+    weight_range: tuple[float, float] = (1.0, 3.0),
+    shift_range: tuple[float, float] = (5.0, 15.0),
+    shift_sign: str = "random",
+    margin: float = 1.0,
+    likelihood: str = "nb",
+    noise_sd: float = 0.1,
+    mean_count: float = 10.0,
+    size_factor_sd: float = 0.3,
+    control_mean_sd: float = 0.5,
+    sigma: float = 1.0,
+    seed: int | None = 0,
+) -> anndata.AnnData:
+    """Simulate a perturbation screen from a random linear latent causal diffusion.
+
+    Parameters
+    ----------
+    n_genes : int
+        Number of genes ``d >= 2``, named ``G0 .. G{d-1}``.
+    n_perturbed : int, float or None
+        Genes given a single perturbation: None for all, an integer count in
+        ``[1, d]``, or a float fraction in ``(0, 1]`` (``round(fraction * d)``,
+        at least 1).
+    n_doubles : int
+        Number of distinct random pairs of single perturbations also applied
+        together (label ``"A+B"``, names sorted); at most ``P (P - 1) / 2``.
+    cells_per_condition : int
+        Cells for the control and every single and double condition (>= 2).
+    expected_degree, weight_range, margin, control_mean_sd, sigma
+        Passed to :func:`random_linear_system`.
+    shift_range : (float, float)
+        Range of on-target shift magnitudes.
+    shift_sign : {"random", "positive", "negative"}
+        Sign of the on-target shifts.
+    likelihood : {"nb", "poisson", "gaussian"}
+        Observation model. Count likelihoods store integer counts in
+        ``layers["counts"]`` and, as float32, in ``X``; "gaussian" stores
+        ``x + N(0, noise_sd^2)`` in ``X``.
+    noise_sd : float
+        Gaussian observation noise (``likelihood="gaussian"`` only).
+    mean_count : float
+        Median per-gene scale ``u_g`` of count likelihoods.
+    size_factor_sd : float
+        Log-scale sd of the per-cell size factors of count likelihoods.
+    seed : int or None
+        Seed of all randomness; None draws one, which is recorded.
+
+    Returns
+    -------
+    anndata.AnnData, shape (cells, genes)
+        ``obs["condition"]`` (categorical, control ``"ctrl"`` first),
+        ``obs["size_factor"]`` for count likelihoods, ``uns["lcd_truth"]``
+        (read it with :func:`truth_from_uns`) and ``uns["lcd_simulation"]``
+        (the arguments; ``simulate(**uns["lcd_simulation"])`` reproduces the run).
+    """
+    d = _as_int("n_genes", n_genes, 2)
+    n_single = _resolve_n_perturbed(n_perturbed, d)
+    n_doubles = _as_int("n_doubles", n_doubles, 0)
+    max_doubles = n_single * (n_single - 1) // 2
+    if n_doubles > max_doubles:
+        raise ValueError(
+            f"n_doubles={n_doubles} exceeds the {max_doubles} distinct pairs of the "
+            f"{n_single} perturbed genes; pass n_doubles <= {max_doubles} or perturb more genes"
+        )
+    n_cells = _as_int("cells_per_condition", cells_per_condition, 2)
+    shift_range = _as_range("shift_range", shift_range)
+    weight_range = _as_range("weight_range", weight_range)
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}; got {likelihood!r}")
+    if shift_sign not in SHIFT_SIGNS:
+        raise ValueError(f"shift_sign must be one of {SHIFT_SIGNS}; got {shift_sign!r}")
+    noise_sd = _as_float("noise_sd", noise_sd)
+    mean_count = _as_float("mean_count", mean_count, positive=True)
+    size_factor_sd = _as_float("size_factor_sd", size_factor_sd)
+    if seed is None:
+        # Record a concrete seed so that the run can still be reproduced.
+        seed = int(np.random.default_rng().integers(2**62))
+    seed = _as_int("seed", seed, 0)
+
+    # Independent streams per stage: changing the design or the likelihood
+    # leaves the graph (and, where possible, the latent draws) unchanged.
+    rng_system, rng_design, rng_cells, rng_obs = np.random.default_rng(seed).spawn(4)
+    system = random_linear_system(
+        d,
+        expected_degree=expected_degree,
+        weight_range=weight_range,
+        margin=margin,
+        control_mean_sd=control_mean_sd,
+        sigma=sigma,
+        rng=rng_system,
+    )
+    gene_names = [f"G{g}" for g in range(d)]
+    perturbations, shift, conditions, condition_shift = _draw_design(
+        gene_names, n_single, n_doubles, shift_range, shift_sign, rng_design
+    )
+    condition_mean, covariance = stationary_moments(system, condition_shift)
+
+    # Exact stationary draws, cells grouped by condition (control first).
+    condition_index = np.repeat(np.arange(len(conditions)), n_cells)
+    noise = rng_cells.standard_normal((condition_index.size, d))
+    latent = condition_mean[condition_index] + noise @ _covariance_factor(covariance).T
+
+    obs = pd.DataFrame(
+        {"condition": pd.Categorical.from_codes(condition_index, categories=conditions)},
+        index=[f"cell{i}" for i in range(condition_index.size)],
+    )
+    var = pd.DataFrame(index=gene_names)
+    truth: dict[str, Any] = {
+        "drift": system.drift,
+        "effect": system.effect,
+        "basal_drift": system.basal_drift,
+        "decay": -np.diag(system.drift),
+        "sigma": float(system.sigma),
+        "control_mean": condition_mean[0],
+        "covariance": covariance,
+        "perturbations": perturbations,
+        "shift": shift,
+        "targets": {label: [label] for label in perturbations},
+        "conditions": conditions,
+        "condition_mean": condition_mean,
+    }
+    layers = {}
+    if likelihood == "gaussian":
+        X = latent + noise_sd * rng_obs.standard_normal(latent.shape)
+    else:
+        counts, params = _observe_counts(latent, likelihood, mean_count, size_factor_sd, rng_obs)
+        X = counts
+        layers["counts"] = counts
+        obs["size_factor"] = params["size_factor"]
+        truth["gene_scale"] = params["gene_scale"]
+        if likelihood == "nb":
+            truth["concentration"] = params["concentration"]
+
+    arguments = {
+        "n_genes": d,
+        "n_perturbed": n_perturbed,
+        "n_doubles": n_doubles,
+        "cells_per_condition": n_cells,
+        "expected_degree": float(expected_degree),
+        "weight_range": np.asarray(weight_range, dtype=float),
+        "shift_range": np.asarray(shift_range, dtype=float),
+        "shift_sign": shift_sign,
+        "margin": float(margin),
+        "likelihood": likelihood,
+        "noise_sd": noise_sd,
+        "mean_count": mean_count,
+        "size_factor_sd": size_factor_sd,
+        "control_mean_sd": float(control_mean_sd),
+        "sigma": float(sigma),
+        "seed": seed,
+    }
+    # h5ad cannot store None; omitting it makes simulate(**arguments) use the default.
+    arguments = {key: value for key, value in arguments.items() if value is not None}
+
+    return anndata.AnnData(
+        X=np.asarray(X, dtype=np.float32),
+        obs=obs,
+        var=var,
+        layers=layers,
+        uns={TRUTH_KEY: truth, SIMULATION_KEY: arguments},
+    )
+
+
+# ---------------------------------------------------------------------------
+# Reading the truth back
+# ---------------------------------------------------------------------------
+
+_LABEL_KEYS = ("perturbations", "conditions")
+
+
+def _to_python(value: Any) -> Any:
+    """Normalise a value read from ``uns`` (possibly after an h5ad round trip)."""
+    if isinstance(value, dict):
+        return {str(key): _to_python(item) for key, item in value.items()}
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    array = np.asarray(value)
+    if array.dtype.kind in "OUS":
+        # h5ad stores lists of str as string arrays; give lists back.
+        return [str(item) for item in array.reshape(-1)]
+    if array.ndim == 0:
+        return array.item()
+    return np.array(array)
+
+
+def truth_from_uns(adata: anndata.AnnData) -> dict[str, Any]:
+    """Read the simulation truth of :func:`simulate` back from ``adata.uns``.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Output of :func:`simulate`, in memory or read from ``.h5ad``.
+
+    Returns
+    -------
+    dict
+        Arrays as numpy arrays (``drift`` (d, d), ``effect`` (d, d; source x
+        target), ``basal_drift``, ``decay``, ``control_mean`` (d,),
+        ``covariance`` (d, d), ``shift`` (P, d), ``condition_mean`` (Q, d),
+        ``gene_scale`` / ``concentration`` (d,) where present), labels as lists
+        of str (``perturbations``, ``conditions``), ``targets`` as a dict label
+        -> list of gene names, and ``sigma`` as a float.
+
+    Raises
+    ------
+    ValueError
+        If ``adata.uns`` has no ``"lcd_truth"`` entry.
+    """
+    if TRUTH_KEY not in adata.uns:
+        raise ValueError(
+            f'adata.uns has no "{TRUTH_KEY}" entry: the ground truth exists only for data made by '
+            "lcd_bayes.simulate.simulate (or `lcd-bayes simulate`)"
+        )
+    truth = _to_python(dict(adata.uns[TRUTH_KEY]))
+    for key in _LABEL_KEYS:
+        if key in truth and not isinstance(truth[key], list):
+            truth[key] = [str(truth[key])]
+    if "shift" in truth:
+        d = np.asarray(truth["drift"]).shape[0]
+        truth["shift"] = np.asarray(truth["shift"], dtype=float).reshape(-1, d)
+    return truth
