@@ -1,0 +1,160 @@
+"""Command line: a thin layer over the Python API (design section 5)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU unless the user asks for an accelerator
+
+
+def _add_simulate(sub):
+    p = sub.add_parser(
+        "simulate", help="simulate a perturbation screen from a random linear LCD",
+        epilog="example: lcd-bayes simulate --genes 20 --perturbations 20 --cells-per-perturbation 200 "
+               "--seed 0 --out sim.h5ad",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--genes", type=int, default=20, help="number of genes d")
+    p.add_argument("--perturbations", type=int, default=None, help="genes perturbed once (default: all)")
+    p.add_argument("--doubles", type=int, default=0, help="random double perturbations of perturbed genes")
+    p.add_argument("--cells-per-perturbation", type=int, default=200, help="cells per condition (and control)")
+    p.add_argument("--likelihood", choices=("nb", "poisson", "gaussian"), default="nb")
+    p.add_argument("--expected-degree", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.set_defaults(func=_simulate)
+
+
+def _simulate(args):
+    from .simulate import simulate
+
+    adata = simulate(
+        args.genes, n_perturbed=args.perturbations, n_doubles=args.doubles,
+        cells_per_condition=args.cells_per_perturbation, likelihood=args.likelihood,
+        expected_degree=args.expected_degree, seed=args.seed,
+    )
+    adata.write_h5ad(args.out)
+    print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "
+          f"{adata.obs['condition'].nunique()} conditions (truth in uns['lcd_truth'])")
+
+
+def _add_fit(sub):
+    p = sub.add_parser(
+        "fit", help="fit a latent causal diffusion by SVI and write a run folder",
+        epilog="examples:\n  lcd-bayes fit sim.h5ad --out runs/sim\n"
+               "  lcd-bayes fit screen.h5ad --out runs/screen --control non-targeting --layer counts "
+               "--config models/lcd_linear.toml --steps 8000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data", help="AnnData .h5ad file")
+    p.add_argument("--out", required=True, help="run folder (an unfinished fit there resumes)")
+    p.add_argument("--config", default=None, help="model configuration TOML (see models/)")
+    p.add_argument("--perturbation-key", default="condition", help="obs column with condition labels")
+    p.add_argument("--control", default="ctrl", help="label of control cells")
+    p.add_argument("--sep", default="+", help="separator of combination labels")
+    p.add_argument("--targets", default=None, help="JSON mapping label -> list of target genes")
+    p.add_argument("--likelihood", choices=("nb", "zip", "poisson", "gaussian"), default=None,
+                   help="observation model (default: the config's, nb)")
+    p.add_argument("--layer", default=None, help="layer with raw counts (default: layers['counts'] or X)")
+    p.add_argument("--steps", type=int, default=None, help="maximum SVI steps (default: the config's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
+    p.add_argument("--n-top-genes", type=int, default=None, help="model only this many variable genes (+ perturbed)")
+    p.add_argument("--total-counts-key", default=None,
+                   help="X is log1p-normalized: convert to counts with this obs column of total counts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_fit)
+
+
+def _fit(args):
+    from .run import fit
+
+    run = fit(
+        args.data, args.out, config=args.config, perturbation_key=args.perturbation_key, control=args.control,
+        sep=args.sep, targets=args.targets, likelihood=args.likelihood, layer=args.layer, steps=args.steps,
+        seed=args.seed, n_top_genes=args.n_top_genes, total_counts_key=args.total_counts_key,
+        progress=not args.no_progress,
+    )
+    _print_fit(run)
+
+
+def _print_fit(run):
+    from .summary import format_top_edges, interaction_table
+
+    result = run.fit
+    status = "converged" if result.converged else "stopped at the step limit (not converged)"
+    print(f"SVI {status} after {result.losses.size} steps in {result.seconds:.0f} s; "
+          f"final ELBO {-result.losses[-100:].mean():.6g}")
+    print(format_top_edges(interaction_table(run.posterior)))
+    if run.folder is not None:
+        print(f"run folder: {run.folder} (posterior.nc, elbo.csv, config.toml)")
+
+
+def _add_demo(sub):
+    p = sub.add_parser(
+        "demo", help="simulate -> fit -> summary on an embedded default (20 genes, NB counts)",
+        epilog="example: lcd-bayes demo --out lcd-demo",
+    )
+    p.add_argument("--out", default="lcd-demo", help="folder for the simulated data and the run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args):
+    import shutil
+
+    from .run import fit
+    from .simulate import simulate, truth_from_uns
+    from .summary import recovery_against_truth
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    if (out / "run" / "posterior.nc").exists():
+        shutil.rmtree(out / "run")  # the demo always starts afresh
+    out.mkdir(parents=True, exist_ok=True)
+    adata = simulate(20, cells_per_condition=200, likelihood="nb", seed=args.seed)
+    adata.write_h5ad(out / "sim.h5ad")
+    print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, every gene perturbed once "
+          f"(NB counts; truth in {out / 'sim.h5ad'})")
+    run = fit(adata, out / "run", steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    _print_fit(run)
+    scores = recovery_against_truth(run.posterior, truth_from_uns(adata)["effect"])
+    print(f"recovery of the {scores['n_edges']} true edges: AUROC {scores['auroc']:.3f}, "
+          f"AUPRC {scores['auprc']:.3f}, sign accuracy {scores['sign_accuracy']:.3f}")
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lcd-bayes",
+        description="Bayesian latent causal diffusions for single-cell perturbation screens.",
+        epilog="example: lcd-bayes demo",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_simulate, _add_fit, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .fit import FitError
+
+    try:
+        args.func(args)
+    except (DataError, FitError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"lcd-bayes {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

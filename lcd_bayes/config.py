@@ -1,0 +1,142 @@
+"""Model and fit configuration: immutable records read from the TOML files in ``models/``.
+
+Every user-facing choice lives here so that a run folder's ``config.toml`` reproduces the fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
+LINKS = ("softplus", "exp")
+GUIDES = ("mean_field", "low_rank")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The generative program's choices and prior scales (design section 2)."""
+
+    likelihood: str = "nb"
+    link: str = "softplus"
+    dt: float = 0.01  # Euler–Maruyama step of the discretized SDE
+    n_doublings: int = 16  # Smith doublings: the stationary law after 2**n_doublings steps
+    sigma: float = 1.0  # diffusion scale; fixes the time scale of the drift
+    max_spectral_radius: float = 0.9999  # of F = I + dt A; draws beyond are projected back and penalized
+    stability_penalty: float = 1000.0
+    # Regularized horseshoe on off-diagonal drift entries.
+    interaction_global_scale: float = 0.1
+    interaction_slab_scale: float = 3.0
+    interaction_slab_df: float = 4.0
+    # Self-decay exp(kappa), kappa ~ Normal(log(decay_prior_median), decay_prior_log_sd).
+    decay_prior_median: float = 2.0
+    decay_prior_log_sd: float = 1.5
+    basal_scale: float = 10.0
+    # On-target shifts: hierarchical Normal(shift_mean, shift_sd) so unseen targets get a shift law.
+    shift_mean_scale: float = 10.0
+    shift_sd_scale: float = 10.0
+    # Sparse off-target shifts (horseshoe); labels without a modelled target get the wider scale.
+    off_target_scale: float = 0.05
+    unknown_target_scale: float = 1.0
+    off_target_slab_scale: float = 10.0
+
+    def __post_init__(self):
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.link not in LINKS:
+            raise ValueError(f"link must be one of {LINKS}, got {self.link!r}")
+        if not (0 < self.dt < 1):
+            raise ValueError(f"dt must be in (0, 1), got {self.dt}")
+        if not (0 < self.max_spectral_radius < 1):
+            raise ValueError("max_spectral_radius must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """SVI settings: optimizer, schedule, minibatches, guide, convergence and checkpoints."""
+
+    steps: int = 4000
+    learning_rate: float = 0.02
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.05
+    clip_norm: float = 100.0
+    batch_size: int = 512  # cells per minibatch; the whole data set when smaller
+    guide: str = "mean_field"
+    guide_rank: int = 10  # for the low-rank guide
+    init_scale: float = 0.05
+    encoder_hidden: int = 64  # amortized local guide width
+    steps_per_chunk: int = 50  # steps fused into one jitted lax.scan between progress updates
+    convergence_window: int = 500  # steps compared for the convergence check
+    convergence_tol: float = 1e-5  # relative ELBO change between windows that counts as converged
+    min_steps: int = 1000
+    checkpoint_every: int = 500
+    num_posterior_samples: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
+        if self.steps < 1 or self.steps_per_chunk < 1:
+            raise ValueError("steps and steps_per_chunk must be positive")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def replace(self, **sections) -> "RunConfig":
+        """Override fields: ``cfg.replace(model={"likelihood": "gaussian"}, fit={"steps": 10})``."""
+        new = self
+        for name, values in sections.items():
+            values = {k: v for k, v in (values or {}).items() if v is not None}
+            if values:
+                new = dataclasses.replace(new, **{name: dataclasses.replace(getattr(new, name), **values)})
+        return new
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "RunConfig":
+        unknown = set(raw) - {"model", "fit"}
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; expected [model] and [fit]")
+        for section, klass in (("model", ModelConfig), ("fit", FitConfig)):
+            names = {f.name for f in dataclasses.fields(klass)}
+            bad = set(raw.get(section, {})) - names
+            if bad:
+                raise ValueError(f"unknown keys in [{section}]: {sorted(bad)}; known: {sorted(names)}")
+        return cls(ModelConfig(**raw.get("model", {})), FitConfig(**raw.get("fit", {})))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Read a model configuration TOML (``models/NAME.toml``); ``None`` gives the defaults."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.exists():
+        shipped = Path(__file__).resolve().parents[1] / "models" / f"{path.stem}.toml"
+        if shipped.exists():
+            path = shipped
+        else:
+            raise FileNotFoundError(f"config file {path} not found (shipped configs live in models/)")
+    with open(path, "rb") as f:
+        return RunConfig.from_dict(tomllib.load(f))

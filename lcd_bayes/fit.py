@@ -1,0 +1,190 @@
+"""Stochastic variational inference for the LCD program: one jitted, scanned SVI step loop with
+a schedule, minibatches, a progress bar, a convergence check, non-finite detection and
+checkpoints that let an interrupted fit resume exactly where it stopped.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.handlers import block
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoGuideList, AutoLowRankMultivariateNormal, AutoNormal
+from numpyro.infer.initialization import init_to_median
+from numpyro.optim import optax_to_numpyro
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .model import CellBatch, Structure, lcd_model, local_guide
+
+
+class FitError(RuntimeError):
+    """The fit cannot go on; the message says why and what to change."""
+
+
+class FitResult(NamedTuple):
+    params: dict  # variational parameters (numpy)
+    losses: np.ndarray  # (steps,) negative ELBO per step
+    converged: bool
+    seconds: float  # wall time of the optimization, compilation included
+    compile_seconds: float
+
+
+class Inference(NamedTuple):
+    """The SVI pieces for one data set: model and guide with the static structure bound."""
+
+    svi: SVI
+    model: callable
+    guide: AutoGuideList
+    global_guide: object  # the part of the guide over global (drift and noise) parameters
+
+
+def build_inference(structure: Structure, config: RunConfig) -> Inference:
+    fit = config.fit
+    batch_size = fit.batch_size if fit.batch_size < structure.n_cells else None
+    model = functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size)
+    # Globals: a Gaussian guide (mean-field, or low-rank for correlated drift entries).
+    # The global part sees neither the per-cell states nor the deterministic summaries.
+    hidden_locals = block(model, hide_fn=lambda site: site.get("name") == "x" or site.get("type") == "deterministic")
+    if fit.guide == "low_rank":
+        global_guide = AutoLowRankMultivariateNormal(
+            hidden_locals, rank=fit.guide_rank, init_loc_fn=init_to_median, init_scale=fit.init_scale
+        )
+    else:
+        global_guide = AutoNormal(hidden_locals, init_loc_fn=init_to_median, init_scale=fit.init_scale)
+    guide = AutoGuideList(model)
+    guide.append(global_guide)
+    if config.model.likelihood != "gaussian":  # gaussian: the per-cell state is integrated out
+        guide.append(functools.partial(
+            local_guide, structure=structure, config=config.model, batch_size=batch_size,
+            hidden=fit.encoder_hidden,
+        ))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=fit.learning_rate * 0.1, peak_value=fit.learning_rate,
+        warmup_steps=min(fit.warmup_steps, fit.steps - 1), decay_steps=fit.steps,
+        end_value=fit.learning_rate * fit.final_lr_fraction,
+    )
+    optimizer = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(fit.clip_norm), optax.adam(schedule)))
+    svi = SVI(model, guide, optimizer, Trace_ELBO())
+    return Inference(svi, model, guide, global_guide)
+
+
+def has_converged(losses: np.ndarray, window: int, tol: float) -> bool:
+    """The ELBO has stopped improving: the mean loss of the last window is not lower than the
+    window before it by more than two standard errors of their difference (the noise of the
+    stochastic ELBO), or by more than ``tol`` relative to its size."""
+    if losses.size < 2 * window:
+        return False
+    previous, current = losses[-2 * window:-window], losses[-window:]
+    improvement = previous.mean() - current.mean()
+    noise = 2.0 * np.sqrt((previous.var() + current.var()) / window)
+    return bool(improvement < max(noise, tol * abs(current.mean())))
+
+
+class Checkpoint(NamedTuple):
+    state: object  # SVIState with numpy leaves
+    losses: np.ndarray
+    fingerprint: str
+
+
+def save_checkpoint(path: Path, state, losses: np.ndarray, fingerprint: str) -> None:
+    """Write atomically, so an interruption during the write never corrupts the last checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(Checkpoint(jax.device_get(state), np.asarray(losses), fingerprint), f)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        checkpoint = pickle.load(f)
+    if checkpoint.fingerprint != fingerprint:
+        raise FitError(
+            f"{path} belongs to a fit with other data or settings; resume it with the same command, "
+            "or write this fit to a new --out folder (or delete the checkpoint)."
+        )
+    return checkpoint
+
+
+def fit_svi(
+    cells: CellBatch,
+    structure: Structure,
+    config: RunConfig,
+    *,
+    checkpoint_path: str | Path | None = None,
+    fingerprint: str = "",
+    progress: bool = True,
+) -> tuple[FitResult, Inference]:
+    """Run SVI until ``config.fit.steps`` or convergence.
+
+    Steps run ``steps_per_chunk`` at a time inside one jitted ``lax.scan``; between chunks the
+    loop updates the progress bar, checks convergence and non-finite losses, and checkpoints.
+    """
+    fit = config.fit
+    inference = build_inference(structure, config)
+    svi = inference.svi
+    cells = CellBatch(*(jnp.asarray(a) for a in cells))
+    key = jax.random.PRNGKey(fit.seed)
+
+    @jax.jit
+    def run_chunk(state, cells):
+        return jax.lax.scan(lambda s, _: svi.update(s, cells), state, None, length=fit.steps_per_chunk)
+
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    start = time.perf_counter()
+    state = svi.init(key, cells)
+    losses = np.zeros(0, dtype=np.float64)
+    resumed = load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
+    if resumed is not None:
+        state = jax.tree_util.tree_map(jnp.asarray, resumed.state)
+        losses = resumed.losses
+    converged = has_converged(losses, fit.convergence_window, fit.convergence_tol) and losses.size >= fit.min_steps
+
+    bar = tqdm(total=fit.steps, initial=losses.size, desc="SVI", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    compile_seconds = 0.0
+    try:
+        while losses.size < fit.steps and not converged:
+            chunk_start = time.perf_counter()
+            new_state, chunk_losses = run_chunk(state, cells)
+            chunk_losses = np.asarray(chunk_losses, dtype=np.float64)
+            if compile_seconds == 0.0:
+                compile_seconds = time.perf_counter() - chunk_start
+            if not np.all(np.isfinite(chunk_losses)):
+                bad = losses.size + int(np.argmin(np.isfinite(chunk_losses)))
+                if checkpoint_path:
+                    save_checkpoint(checkpoint_path, state, losses, fingerprint)
+                raise FitError(
+                    f"the ELBO became non-finite at step {bad}. Usual causes: a learning rate too high "
+                    f"(now {fit.learning_rate}; set [fit] learning_rate lower in a --config TOML), counts "
+                    "on a very different scale than the priors expect, or a gene with no counts. "
+                    + (f"The last finite state is saved in {checkpoint_path}." if checkpoint_path else "")
+                )
+            state, losses = new_state, np.concatenate([losses, chunk_losses])
+            bar.update(chunk_losses.size)
+            bar.set_postfix(elbo=f"{-chunk_losses.mean():.4g}")
+            if checkpoint_path and losses.size % fit.checkpoint_every < fit.steps_per_chunk:
+                save_checkpoint(checkpoint_path, state, losses, fingerprint)
+            converged = losses.size >= fit.min_steps and has_converged(
+                losses, fit.convergence_window, fit.convergence_tol
+            )
+    except KeyboardInterrupt:
+        if checkpoint_path:
+            save_checkpoint(checkpoint_path, state, losses, fingerprint)
+            bar.write(f"interrupted at step {losses.size}; run the same command again to resume.")
+        raise
+    finally:
+        bar.close()
+    params = jax.device_get(svi.get_params(state))
+    result = FitResult(params, losses, converged, time.perf_counter() - start, compile_seconds)
+    return result, inference

@@ -1,0 +1,226 @@
+"""The latent causal diffusion as one NumPyro program (design section 2, linear drift).
+
+    A = W - diag(exp(kappa))                    drift; A[k, j] is the direct effect of j on k
+    c_p = on-target shift on T(p) + sparse off-target shift
+    mu_q = -A^{-1} (b + sum_{p in q} c_p)       stationary mean of condition q
+    Sigma = F Sigma F^T + sigma^2 dt I          stationary covariance, F = I + dt A
+    x_i ~ N(mu_q(i), Sigma)                     latent state of cell i
+    y_ig ~ NB(s_i softplus(x_ig) u_g, phi_g)    counts (or ZIP, Poisson; Gaussian integrates x out)
+
+Priors sit in ``drift_prior``, the likelihood in ``lcd_model``; ``local_guide`` is the amortized
+variational family for the per-cell states.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+from .config import ModelConfig
+from .stationary import effective_drift, stationary_law, stationary_means
+
+
+class CellBatch(NamedTuple):
+    """Per-cell arrays, passed to the jitted step as arguments (not baked in as constants)."""
+
+    counts: jax.Array  # (cells, genes) counts, or continuous values for the gaussian likelihood
+    size_factor: jax.Array  # (cells,)
+    condition: jax.Array  # (cells,) int index into conditions
+
+
+class Structure(NamedTuple):
+    """Static description of the screen: which labels make each condition and what they target."""
+
+    design: np.ndarray  # (conditions, perturbations) 0/1
+    targets: np.ndarray  # (perturbations, genes) 0/1 on-target mask
+    gene_scale_center: np.ndarray  # (genes,) log mean normalized expression; centers u_g's prior
+    n_cells: int
+
+    @property
+    def n_genes(self) -> int:
+        return self.targets.shape[1]
+
+
+class Drift(NamedTuple):
+    """One draw of the drift and its stationary law."""
+
+    drift: jax.Array  # (genes, genes) A actually used (projected onto the stable set if needed)
+    shift: jax.Array  # (perturbations, genes) c_p
+    basal_drift: jax.Array  # (genes,) b
+    means: jax.Array  # (conditions, genes) mu_q
+    covariance: jax.Array  # (genes, genes) Sigma
+
+
+def regularized_horseshoe(name: str, shape, global_scale, slab_scale: float, slab_df: float):
+    """Sparse weights ``z * tau * lambda_tilde`` (Piironen & Vehtari 2017), non-centered.
+
+    Non-centering keeps the posterior geometry close to Gaussian, which a Gaussian guide can fit;
+    the slab bounds the size of the few large weights so that the prior stays proper at scale.
+    """
+    global_scale = jnp.asarray(global_scale)
+    scale = numpyro.sample(f"{name}_scale", dist.HalfCauchy(global_scale).to_event(global_scale.ndim))
+    slab = numpyro.sample(
+        f"{name}_slab", dist.InverseGamma(0.5 * slab_df, 0.5 * slab_df * slab_scale**2)
+    )
+    local = numpyro.sample(f"{name}_local", dist.HalfCauchy(jnp.ones(shape)).to_event(len(shape)))
+    raw = numpyro.sample(f"{name}_raw", dist.Normal(jnp.zeros(shape), 1.0).to_event(len(shape)))
+    if jnp.ndim(scale) == 1:  # one global scale per row (per perturbation label)
+        scale = scale[:, None]
+    shrunk = jnp.sqrt(slab * local**2 / (slab + scale**2 * local**2))
+    return raw * scale * shrunk
+
+
+def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
+    """Priors on the drift, shifts and basal drift; returns the stationary law they imply."""
+    n_perturbations, n_genes = structure.targets.shape
+    off_diagonal = 1.0 - jnp.eye(n_genes)
+
+    interaction = regularized_horseshoe(
+        "interaction", (n_genes, n_genes), config.interaction_global_scale,
+        config.interaction_slab_scale, config.interaction_slab_df,
+    ) * off_diagonal
+    log_decay = numpyro.sample(
+        "log_decay",
+        dist.Normal(jnp.full(n_genes, np.log(config.decay_prior_median)), config.decay_prior_log_sd).to_event(1),
+    )
+    drift = interaction - jnp.diag(jnp.exp(log_decay))
+    basal = numpyro.sample("basal_drift", dist.Normal(jnp.zeros(n_genes), config.basal_scale).to_event(1))
+
+    shift = on_target_shift(structure.targets, config) + off_target_shift(structure.targets, config)
+    numpyro.deterministic("shift", shift)
+
+    law = stationary_law(
+        drift, dt=config.dt, sigma=config.sigma, n_doublings=config.n_doublings,
+        max_spectral_radius=config.max_spectral_radius,
+    )
+    # A draw without a stationary state was projected onto the stable set (law.projection < 1);
+    # the penalty, in nats per cell per unit of spectral abscissa beyond the limit, pushes the
+    # posterior away from there so that projected draws stay rare (and are counted after the fit).
+    excess_abscissa = -jnp.log(law.projection) / config.dt
+    numpyro.factor("stability", -config.stability_penalty * structure.n_cells * excess_abscissa)
+    numpyro.deterministic("log_spectral_radius", law.log_spectral_radius)
+
+    used_drift = effective_drift(law, config.dt)
+    offsets = basal + jnp.asarray(structure.design) @ shift
+    means = stationary_means(used_drift, offsets)
+    numpyro.deterministic("drift", used_drift)
+    numpyro.deterministic("stationary_mean", means)
+    numpyro.deterministic("stationary_covariance", law.covariance)
+    return Drift(used_drift, shift, basal, means, law.covariance)
+
+
+def on_target_shift(targets: np.ndarray, config: ModelConfig) -> jax.Array:
+    """Shifts on each label's known target genes, drawn from a shared (hierarchical) law so that a
+    target never perturbed in training still has a predictive shift distribution."""
+    rows, cols = np.nonzero(targets)
+    if rows.size == 0:
+        return jnp.zeros(targets.shape)
+    mean = numpyro.sample("shift_mean", dist.Normal(0.0, config.shift_mean_scale))
+    sd = numpyro.sample("shift_sd", dist.HalfNormal(config.shift_sd_scale))
+    raw = numpyro.sample("on_target_raw", dist.Normal(jnp.zeros(rows.size), 1.0).to_event(1))
+    return jnp.zeros(targets.shape).at[rows, cols].set(mean + sd * raw)
+
+
+def off_target_shift(targets: np.ndarray, config: ModelConfig) -> jax.Array:
+    """Sparse shifts away from the known targets; wide for labels with no modelled target, whose
+    whole effect must be learned here (a drug, or a gene outside the modelled panel)."""
+    has_target = targets.sum(axis=1) > 0
+    label_scale = np.where(has_target, config.off_target_scale, config.unknown_target_scale)
+    shift = regularized_horseshoe(
+        "off_target", targets.shape, jnp.asarray(label_scale), config.off_target_slab_scale, 4.0
+    )
+    return shift * (1.0 - jnp.asarray(targets))
+
+
+def link(latent: jax.Array, name: str) -> jax.Array:
+    """Expression rate per unit size factor and gene scale."""
+    return jax.nn.softplus(latent) if name == "softplus" else jnp.exp(latent)
+
+
+def inverse_link(rate: jax.Array, name: str) -> jax.Array:
+    if name == "softplus":
+        return rate + jnp.log(-jnp.expm1(-rate))  # softplus^{-1}, stable for small rates
+    return jnp.log(rate)
+
+
+def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch_size: int | None = None):
+    """The generative program. ``batch_size`` subsamples cells (the ELBO is rescaled by the plate)."""
+    drift = drift_prior(structure, config)
+    n_genes = structure.n_genes
+
+    if config.likelihood == "gaussian":
+        noise_sd = numpyro.sample("noise_sd", dist.HalfNormal(jnp.ones(n_genes)).to_event(1))
+        # y = x + noise with x ~ N(mu_q, Sigma): x integrates out in closed form.
+        marginal_tril = jnp.linalg.cholesky(drift.covariance + jnp.diag(noise_sd**2))
+        with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
+            numpyro.sample(
+                "y", dist.MultivariateNormal(drift.means[cells.condition[idx]], scale_tril=marginal_tril),
+                obs=cells.counts[idx],
+            )
+        return
+
+    gene_scale = numpyro.sample(
+        "gene_scale", dist.LogNormal(jnp.asarray(structure.gene_scale_center), 1.0).to_event(1)
+    )
+    noise = observation_noise_prior(config.likelihood, n_genes)
+    latent_tril = jnp.linalg.cholesky(drift.covariance)
+    with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
+        latent = numpyro.sample(
+            "x", dist.MultivariateNormal(drift.means[cells.condition[idx]], scale_tril=latent_tril)
+        )
+        rate = cells.size_factor[idx, None] * link(latent, config.link) * gene_scale + 1e-6
+        numpyro.sample("y", count_distribution(config.likelihood, rate, noise).to_event(1), obs=cells.counts[idx])
+
+
+def observation_noise_prior(likelihood: str, n_genes: int) -> jax.Array | None:
+    """Per-gene noise parameter: NB concentration, or ZIP zero-inflation probability."""
+    if likelihood == "nb":
+        return numpyro.sample("concentration", dist.LogNormal(jnp.full(n_genes, np.log(10.0)), 1.5).to_event(1))
+    if likelihood == "zip":
+        return numpyro.sample("gate", dist.Beta(jnp.ones(n_genes), 9.0).to_event(1))
+    return None
+
+
+def count_distribution(likelihood: str, rate: jax.Array, noise: jax.Array | None):
+    if likelihood == "nb":
+        return dist.NegativeBinomial2(rate, noise)
+    if likelihood == "zip":
+        return dist.ZeroInflatedPoisson(noise, rate)
+    return dist.Poisson(rate)
+
+
+def crude_latent(counts: jax.Array, size_factor: jax.Array, gene_scale_center: jax.Array, link_name: str):
+    """A per-cell guess of x from its counts alone: the inverse link of the normalized counts."""
+    normalized = (counts + 0.5) / (size_factor[:, None] * jnp.exp(gene_scale_center))
+    return inverse_link(normalized, link_name)
+
+
+def local_guide(cells: CellBatch, structure: Structure, config: ModelConfig, batch_size: int | None = None,
+                *, hidden: int = 64):
+    """Amortized Gaussian guide for the per-cell states x_i (cells plate, mean-field over genes).
+
+    An encoder maps each cell's crude latent guess to a location and scale, plus a learned offset
+    per condition, so its cost does not grow with the number of cells and minibatches work.
+    """
+    n_genes, n_conditions = structure.n_genes, structure.design.shape[0]
+    init = jax.nn.initializers.normal(0.01)
+    weights_in = numpyro.param("encoder_in", lambda key: init(key, (n_genes, hidden)))
+    bias_in = numpyro.param("encoder_in_bias", jnp.zeros(hidden))
+    weights_loc = numpyro.param("encoder_loc", lambda key: init(key, (hidden, n_genes)))
+    weights_scale = numpyro.param("encoder_scale", lambda key: init(key, (hidden, n_genes)))
+    gain = numpyro.param("encoder_gain", jnp.ones(n_genes))
+    condition_offset = numpyro.param("encoder_condition_offset", jnp.zeros((n_conditions, n_genes)))
+    log_scale = numpyro.param("encoder_log_scale", jnp.full(n_genes, -1.0))
+    with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
+        guess = crude_latent(
+            cells.counts[idx], cells.size_factor[idx], jnp.asarray(structure.gene_scale_center), config.link
+        )
+        hidden_state = jnp.tanh(guess @ weights_in + bias_in)
+        loc = gain * guess + condition_offset[cells.condition[idx]] + hidden_state @ weights_loc
+        scale = jax.nn.softplus(log_scale + hidden_state @ weights_scale) + 1e-3
+        latent = numpyro.sample("x", dist.Normal(loc, scale).to_event(1))
+    return {"x": latent}  # AutoGuideList collects each part's samples

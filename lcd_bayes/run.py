@@ -1,0 +1,184 @@
+"""Fit from AnnData to a run folder: the user-facing layer over data, model, fit and posterior.
+
+A run folder holds everything needed to inspect or reproduce a fit:
+
+    config.toml      the model and fit settings used (``lcd-bayes fit --config`` reads it back)
+    data.json        how the data were read: keys, labels, genes, conditions, targets
+    elbo.csv         the ELBO at every step
+    posterior.nc     ArviZ DataTree: posterior draws, constant data, the SVI trace
+    params.pkl       the variational parameters
+    summary.txt      the fit's headline numbers
+    checkpoint.pkl   only while a fit is unfinished: resume by running the same command
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import anndata
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .config import RunConfig, load_config
+from .data import PerturbationData, load_perturbation_data, read_targets
+from .fit import FitResult, fit_svi
+from .model import CellBatch, Structure, link
+from .posterior import Coords, draw_globals, load_datatree, save_datatree, to_datatree
+
+
+class FittedRun(NamedTuple):
+    """A finished fit: the posterior and what produced it."""
+
+    posterior: xr.DataTree
+    data: PerturbationData
+    config: RunConfig
+    fit: FitResult
+    folder: Path | None
+
+
+def structure_of(data: PerturbationData, config: RunConfig) -> Structure:
+    """Static model inputs; the gene-scale prior is centred where x = 0 meets the mean expression."""
+    if data.is_counts:
+        mean_normalized = (data.counts / data.size_factor[:, None]).mean(axis=0) + 1e-3
+        center = np.log(mean_normalized) - np.log(np.asarray(link(np.float32(0.0), config.model.link)))
+    else:
+        center = np.zeros(data.n_genes)
+    return Structure(data.design, data.targets, center.astype(np.float32), data.n_cells)
+
+
+def _fingerprint(data: PerturbationData, config: RunConfig) -> str:
+    digest = hashlib.sha256(config.to_toml().encode())
+    for array in (data.counts, data.condition, data.design, data.targets):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def fit(
+    adata: anndata.AnnData | str | Path,
+    out: str | Path | None = None,
+    *,
+    config: RunConfig | str | Path | None = None,
+    perturbation_key: str = "condition",
+    control: str = "ctrl",
+    sep: str = "+",
+    targets: dict | str | Path | None = None,
+    likelihood: str | None = None,
+    layer: str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    genes: list[str] | None = None,
+    n_top_genes: int | None = None,
+    total_counts_key: str | None = None,
+    progress: bool = True,
+) -> FittedRun:
+    """Fit a latent causal diffusion to a perturbation screen and return its posterior.
+
+    ``adata`` is an AnnData or a path to ``.h5ad``. With ``out`` the run folder is written
+    (and an interrupted fit into the same folder resumes from its checkpoint). Arguments left
+    as ``None`` take the configuration's values (``models/lcd_linear.toml`` by default).
+    """
+    run_config = config if isinstance(config, RunConfig) else load_config(config)
+    run_config = run_config.replace(model={"likelihood": likelihood}, fit={"steps": steps, "seed": seed})
+    if isinstance(adata, (str, Path)):
+        adata = read_h5ad(adata)
+    if isinstance(targets, (str, Path)):
+        targets = read_targets(targets)
+    data = load_perturbation_data(
+        adata, perturbation_key=perturbation_key, control=control, sep=sep, layer=layer, targets=targets,
+        genes=genes, n_top_genes=n_top_genes, continuous=run_config.model.likelihood == "gaussian",
+        total_counts_key=total_counts_key,
+    )
+    folder = Path(out) if out is not None else None
+    if folder is not None:
+        if (folder / "posterior.nc").exists():
+            raise FileExistsError(
+                f"{folder} already holds a finished fit (posterior.nc); write to a new --out folder "
+                "or delete the old one"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.toml").write_text(run_config.to_toml())
+        (folder / "data.json").write_text(json.dumps(_data_record(data), indent=1))
+
+    structure = structure_of(data, run_config)
+    cells = CellBatch(data.counts, data.size_factor, data.condition)
+    result, inference = fit_svi(
+        cells, structure, run_config,
+        checkpoint_path=folder / "checkpoint.pkl" if folder else None,
+        fingerprint=_fingerprint(data, run_config), progress=progress,
+    )
+    draws = draw_globals(
+        inference.global_guide, result.params, structure, run_config.model,
+        num_samples=run_config.fit.num_posterior_samples, seed_value=run_config.fit.seed + 1,
+    )
+    _warn_unstable(draws["log_spectral_radius"], run_config)
+    tree = to_datatree(
+        draws, Coords(data.genes, data.conditions, data.perturbations), losses=result.losses,
+        attrs={"config": run_config.to_toml(), "converged": int(result.converged),
+               "fit_seconds": result.seconds, "n_cells": data.n_cells},
+        constant_data={"design": (("condition", "perturbation"), data.design),
+                       "targets": (("perturbation", "gene"), data.targets)},
+    )
+    if folder is not None:
+        _write_run(folder, tree, result)
+    return FittedRun(tree, data, run_config, result, folder)
+
+
+def read_h5ad(path: str | Path) -> anndata.AnnData:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    return anndata.read_h5ad(path)
+
+
+def _data_record(data: PerturbationData) -> dict:
+    return {
+        "perturbation_key": data.perturbation_key, "control": data.control, "sep": data.sep,
+        "is_counts": data.is_counts, "genes": list(data.genes), "conditions": list(data.conditions),
+        "perturbations": list(data.perturbations),
+        "targets": {p: [g for g, t in zip(data.genes, row) if t] for p, row in zip(data.perturbations, data.targets)},
+        "cells_per_condition": np.bincount(data.condition, minlength=data.n_conditions).tolist(),
+        "mean_size_factor_log_sd": float(np.std(np.log(data.size_factor))) if data.is_counts else 0.0,
+    }
+
+
+def _warn_unstable(log_radius: np.ndarray, config: RunConfig) -> None:
+    unstable = float(np.mean(log_radius >= np.log(config.model.max_spectral_radius) - 1e-7))
+    if unstable > 0:
+        warnings.warn(
+            f"{unstable:.1%} of posterior drift draws sat at the stability limit (their stationary law "
+            "was computed from the drift projected onto the stable set); interpret them with care "
+            "and consider a smaller [model] dt or more steps",
+            stacklevel=3,
+        )
+
+
+def _write_run(folder: Path, tree: xr.DataTree, result: FitResult) -> None:
+    pd.DataFrame({"step": np.arange(result.losses.size), "elbo": -result.losses}).to_csv(
+        folder / "elbo.csv", index=False
+    )
+    with open(folder / "params.pkl", "wb") as f:
+        pickle.dump(result.params, f)
+    save_datatree(tree, folder / "posterior.nc")
+    (folder / "summary.txt").write_text(
+        f"steps: {result.losses.size}\nconverged: {result.converged}\n"
+        f"seconds: {result.seconds:.1f} (compile {result.compile_seconds:.1f})\n"
+        f"final ELBO (mean of last 100 steps): {-result.losses[-100:].mean():.6g}\n"
+    )
+    checkpoint = folder / "checkpoint.pkl"
+    if checkpoint.exists():
+        checkpoint.unlink()  # the fit is complete: params.pkl and posterior.nc supersede it
+
+
+def load_run(folder: str | Path) -> tuple[xr.DataTree, RunConfig, dict]:
+    """The posterior, configuration and data record of a finished run folder."""
+    folder = Path(folder)
+    if not (folder / "posterior.nc").exists():
+        hint = " (an unfinished fit: run the same fit command again to resume)" if (folder / "checkpoint.pkl").exists() else ""
+        raise FileNotFoundError(f"{folder} has no posterior.nc{hint}; create it with `lcd-bayes fit`")
+    return (load_datatree(folder / "posterior.nc"), load_config(folder / "config.toml"),
+            json.loads((folder / "data.json").read_text()))
