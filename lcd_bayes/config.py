@@ -25,25 +25,31 @@ class ModelConfig:
     sigma: float = 1.0  # diffusion scale; fixes the time scale of the drift
     max_spectral_radius: float = 0.9999  # of F = I + dt A; draws beyond are projected back and penalized
     stability_penalty: float = 1000.0
-    # Regularized horseshoe on off-diagonal drift entries.
+    # Regularized horseshoe on off-diagonal drift entries, relative to the target's self-decay.
     interaction_global_scale: float = 0.1
-    interaction_slab_scale: float = 3.0
+    interaction_slab_scale: float = 1.0
     interaction_slab_df: float = 4.0
     # Self-decay exp(kappa), kappa ~ Normal(log(decay_prior_median), decay_prior_log_sd).
     decay_prior_median: float = 2.0
     decay_prior_log_sd: float = 1.5
-    basal_scale: float = 10.0
+    # Basal drift and shifts are also relative to the self-decay, i.e. in units of latent x.
+    basal_scale: float = 3.0
     # On-target shifts: hierarchical Normal(shift_mean, shift_sd) so unseen targets get a shift law.
-    shift_mean_scale: float = 10.0
-    shift_sd_scale: float = 10.0
-    # Sparse off-target shifts (horseshoe); labels without a modelled target get the wider scale.
-    off_target_scale: float = 0.05
-    unknown_target_scale: float = 1.0
-    off_target_slab_scale: float = 10.0
+    shift_mean_scale: float = 3.0
+    shift_sd_scale: float = 3.0
+    # Sparse off-target shifts (horseshoe). "untargeted": only labels with no modelled target get
+    # them (their whole effect is unknown); "all": every label. Off-target shifts on every label
+    # can explain any mean response without gene-gene effects, so "all" weakens causal recovery.
+    off_target: str = "untargeted"
+    off_target_scale: float = 0.05  # horseshoe global scale for labels with a modelled target
+    unknown_target_scale: float = 1.0  # ... and for labels without one
+    off_target_slab_scale: float = 3.0
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.off_target not in ("untargeted", "all"):
+            raise ValueError(f"off_target must be 'untargeted' or 'all', got {self.off_target!r}")
         if self.link not in LINKS:
             raise ValueError(f"link must be one of {LINKS}, got {self.link!r}")
         if not (0 < self.dt < 1):
@@ -56,12 +62,12 @@ class ModelConfig:
 class FitConfig:
     """SVI settings: optimizer, schedule, minibatches, guide, convergence and checkpoints."""
 
-    steps: int = 4000
-    learning_rate: float = 0.02
+    steps: int = 6000
+    learning_rate: float = 0.05
     warmup_steps: int = 100
     final_lr_fraction: float = 0.05
     clip_norm: float = 100.0
-    batch_size: int = 512  # cells per minibatch; the whole data set when smaller
+    batch_size: int = 1024  # cells per minibatch; the whole data set when smaller
     guide: str = "mean_field"
     guide_rank: int = 10  # for the low-rank guide
     init_scale: float = 0.05

@@ -53,7 +53,7 @@ def build_inference(structure: Structure, config: RunConfig) -> Inference:
     model = functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size)
     # Globals: a Gaussian guide (mean-field, or low-rank for correlated drift entries).
     # The global part sees neither the per-cell states nor the deterministic summaries.
-    hidden_locals = block(model, hide_fn=lambda site: site.get("name") == "x" or site.get("type") == "deterministic")
+    hidden_locals = block(model, hide_fn=lambda site: site.get("name") == "x_white" or site.get("type") == "deterministic")
     if fit.guide == "low_rank":
         global_guide = AutoLowRankMultivariateNormal(
             hidden_locals, rank=fit.guide_rank, init_loc_fn=init_to_median, init_scale=fit.init_scale

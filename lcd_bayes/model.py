@@ -75,23 +75,35 @@ def regularized_horseshoe(name: str, shape, global_scale, slab_scale: float, sla
 
 
 def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
-    """Priors on the drift, shifts and basal drift; returns the stationary law they imply."""
-    n_perturbations, n_genes = structure.targets.shape
-    off_diagonal = 1.0 - jnp.eye(n_genes)
+    """Priors on the drift, shifts and basal drift; returns the stationary law they imply.
 
-    interaction = regularized_horseshoe(
+    Effects, shifts and basal drift are drawn relative to each target gene's self-decay
+    ``D = diag(exp(kappa))``: ``A = D (R - I)``, ``b = D b_rel``, ``c_p = D c_rel_p`` (the same
+    family as ``A = W - D`` with ``W = D R``). Then ``mu_q = -(R - I)^{-1} (b_rel + c_rel_q)`` does
+    not depend on ``D``: the mean responses, which the data pin down well, fix the causal
+    structure ``R``, while the time scale ``D``, seen only through ``Sigma`` and easily confused
+    with count noise, cannot drag the effects into the prior's shrinkage or slab.
+    """
+    n_perturbations, n_genes = structure.targets.shape
+    eye = jnp.eye(n_genes)
+
+    relative_interaction = regularized_horseshoe(
         "interaction", (n_genes, n_genes), config.interaction_global_scale,
         config.interaction_slab_scale, config.interaction_slab_df,
-    ) * off_diagonal
+    ) * (1.0 - eye)
     log_decay = numpyro.sample(
         "log_decay",
         dist.Normal(jnp.full(n_genes, np.log(config.decay_prior_median)), config.decay_prior_log_sd).to_event(1),
     )
-    drift = interaction - jnp.diag(jnp.exp(log_decay))
-    basal = numpyro.sample("basal_drift", dist.Normal(jnp.zeros(n_genes), config.basal_scale).to_event(1))
-
-    shift = on_target_shift(structure.targets, config) + off_target_shift(structure.targets, config)
+    decay = jnp.exp(log_decay)
+    drift = decay[:, None] * (relative_interaction - eye)
+    basal = decay * numpyro.sample(
+        "basal_relative", dist.Normal(jnp.zeros(n_genes), config.basal_scale).to_event(1)
+    )
+    shift = decay * (on_target_shift(structure.targets, config) + off_target_shift(structure.targets, config))
     numpyro.deterministic("shift", shift)
+    numpyro.deterministic("basal_drift", basal)
+    numpyro.deterministic("relative_interaction", relative_interaction)
 
     law = stationary_law(
         drift, dt=config.dt, sigma=config.sigma, n_doublings=config.n_doublings,
@@ -126,14 +138,18 @@ def on_target_shift(targets: np.ndarray, config: ModelConfig) -> jax.Array:
 
 
 def off_target_shift(targets: np.ndarray, config: ModelConfig) -> jax.Array:
-    """Sparse shifts away from the known targets; wide for labels with no modelled target, whose
-    whole effect must be learned here (a drug, or a gene outside the modelled panel)."""
+    """Sparse shifts away from the known targets: for labels with no modelled target, whose whole
+    effect must be learned here (a drug, or a gene outside the modelled panel), and with
+    ``off_target = "all"`` for every label (with a narrower scale where the target is known)."""
     has_target = targets.sum(axis=1) > 0
-    label_scale = np.where(has_target, config.off_target_scale, config.unknown_target_scale)
+    labels = np.arange(targets.shape[0]) if config.off_target == "all" else np.flatnonzero(~has_target)
+    if labels.size == 0:
+        return jnp.zeros(targets.shape)
+    label_scale = np.where(has_target[labels], config.off_target_scale, config.unknown_target_scale)
     shift = regularized_horseshoe(
-        "off_target", targets.shape, jnp.asarray(label_scale), config.off_target_slab_scale, 4.0
+        "off_target", (labels.size, targets.shape[1]), jnp.asarray(label_scale), config.off_target_slab_scale, 4.0
     )
-    return shift * (1.0 - jnp.asarray(targets))
+    return jnp.zeros(targets.shape).at[labels].set(shift * (1.0 - jnp.asarray(targets[labels])))
 
 
 def link(latent: jax.Array, name: str) -> jax.Array:
@@ -169,9 +185,11 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
     noise = observation_noise_prior(config.likelihood, n_genes)
     latent_tril = jnp.linalg.cholesky(drift.covariance)
     with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
-        latent = numpyro.sample(
-            "x", dist.MultivariateNormal(drift.means[cells.condition[idx]], scale_tril=latent_tril)
-        )
+        # Non-centered: x_i = mu_q + L eps_i. A cell's counts say little about its own x_i, so
+        # its posterior stays close to the prior; centered, the drift would then learn only
+        # through the slow back-and-forth of x_i and mu_q, non-centered it sees the counts directly.
+        white = numpyro.sample("x_white", dist.Normal(jnp.zeros(n_genes), 1.0).to_event(1))
+        latent = numpyro.deterministic("x", drift.means[cells.condition[idx]] + white @ latent_tril.T)
         rate = cells.size_factor[idx, None] * link(latent, config.link) * gene_scale + 1e-6
         numpyro.sample("y", count_distribution(config.likelihood, rate, noise).to_event(1), obs=cells.counts[idx])
 
@@ -201,26 +219,28 @@ def crude_latent(counts: jax.Array, size_factor: jax.Array, gene_scale_center: j
 
 def local_guide(cells: CellBatch, structure: Structure, config: ModelConfig, batch_size: int | None = None,
                 *, hidden: int = 64):
-    """Amortized Gaussian guide for the per-cell states x_i (cells plate, mean-field over genes).
+    """Amortized Gaussian guide for the whitened per-cell states eps_i (x_i = mu_q + L eps_i).
 
-    An encoder maps each cell's crude latent guess to a location and scale, plus a learned offset
-    per condition, so its cost does not grow with the number of cells and minibatches work.
+    An encoder maps each cell's crude latent guess (linear map plus a small MLP) and a learned
+    offset per condition to a location, so its cost does not grow with the number of cells and
+    minibatches work. The covariance is one full lower-triangular factor shared by all cells,
+    so the posterior keeps the correlations between genes that a diagonal guide would drop.
     """
     n_genes, n_conditions = structure.n_genes, structure.design.shape[0]
     init = jax.nn.initializers.normal(0.01)
     weights_in = numpyro.param("encoder_in", lambda key: init(key, (n_genes, hidden)))
     bias_in = numpyro.param("encoder_in_bias", jnp.zeros(hidden))
-    weights_loc = numpyro.param("encoder_loc", lambda key: init(key, (hidden, n_genes)))
-    weights_scale = numpyro.param("encoder_scale", lambda key: init(key, (hidden, n_genes)))
-    gain = numpyro.param("encoder_gain", jnp.ones(n_genes))
+    weights_hidden = numpyro.param("encoder_hidden_out", lambda key: init(key, (hidden, n_genes)))
+    weights_linear = numpyro.param("encoder_linear", jnp.zeros((n_genes, n_genes)))
     condition_offset = numpyro.param("encoder_condition_offset", jnp.zeros((n_conditions, n_genes)))
-    log_scale = numpyro.param("encoder_log_scale", jnp.full(n_genes, -1.0))
+    scale_tril = numpyro.param(
+        "encoder_scale_tril", jnp.eye(n_genes), constraint=dist.constraints.scaled_unit_lower_cholesky
+    )
     with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
         guess = crude_latent(
             cells.counts[idx], cells.size_factor[idx], jnp.asarray(structure.gene_scale_center), config.link
         )
         hidden_state = jnp.tanh(guess @ weights_in + bias_in)
-        loc = gain * guess + condition_offset[cells.condition[idx]] + hidden_state @ weights_loc
-        scale = jax.nn.softplus(log_scale + hidden_state @ weights_scale) + 1e-3
-        latent = numpyro.sample("x", dist.Normal(loc, scale).to_event(1))
-    return {"x": latent}  # AutoGuideList collects each part's samples
+        loc = guess @ weights_linear + condition_offset[cells.condition[idx]] + hidden_state @ weights_hidden
+        white = numpyro.sample("x_white", dist.MultivariateNormal(loc, scale_tril=scale_tril))
+    return {"x_white": white}  # AutoGuideList collects each part's samples

@@ -27,6 +27,7 @@ class Coords(NamedTuple):
 # Posterior variables and their dims after (chain, draw).
 VARIABLE_DIMS = {
     "interaction": ("source", "target"),  # direct effect of source on target: A[target, source]
+    "relative_interaction": ("source", "target"),  # the same, per unit of the target's self-decay
     "drift": ("target", "source"),  # the drift matrix A itself
     "self_decay": ("gene",),
     "basal_drift": ("gene",),
@@ -62,6 +63,7 @@ def draw_globals(global_guide, params: dict, structure: Structure, model_config,
         out = {
             "drift": drift,
             "interaction": drift.T * off_diagonal,
+            "relative_interaction": sites["relative_interaction"]["value"].T,
             "self_decay": -jnp.diag(drift),
             "basal_drift": sites["basal_drift"]["value"],
             "shift": sites["shift"]["value"],

@@ -1,0 +1,105 @@
+"""How fast does the LCD fit run, and how long until it converges?
+
+For d genes in {20, 100, 300} (every gene perturbed once, 200 cells per condition, NB counts from
+``lcd_bayes.simulate``) this measures, with the shipped default configuration:
+
+* compile time of the jitted SVI chunk,
+* SVI step time: median over many timed chunks after compilation (per step),
+* time and steps to convergence (the fit's own convergence check, capped at --max-steps),
+* recovery AUROC of |posterior mean| of the direct effects at the end.
+
+Writes ``results/benchmark_fit.json`` (or --out). Run: ``uv run python analyses/benchmark_fit.py``.
+Timings on a shared 2-core machine are noisy: compare ratios and medians, not single runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import numpy as np
+
+from lcd_bayes.config import load_config
+from lcd_bayes.data import load_perturbation_data
+from lcd_bayes.fit import build_inference
+from lcd_bayes.model import CellBatch
+from lcd_bayes.run import fit, structure_of
+from lcd_bayes.simulate import simulate, truth_from_uns
+from lcd_bayes.summary import recovery_against_truth
+
+
+def step_times(adata, config, n_chunks: int) -> dict:
+    """Compile time and the median per-step time of the jitted, scanned SVI step."""
+    data = load_perturbation_data(adata, continuous=config.model.likelihood == "gaussian")
+    structure = structure_of(data, config)
+    svi = build_inference(structure, config).svi
+    cells = CellBatch(*(jax.numpy.asarray(a) for a in (data.counts, data.size_factor, data.condition)))
+    chunk = config.fit.steps_per_chunk
+    run_chunk = jax.jit(lambda s, c: jax.lax.scan(lambda t, _: svi.update(t, c), s, None, length=chunk))
+    state = svi.init(jax.random.PRNGKey(0), cells)
+    start = time.perf_counter()
+    state, losses = run_chunk(state, cells)
+    losses.block_until_ready()
+    compile_seconds = time.perf_counter() - start
+    per_step = []
+    for _ in range(n_chunks):
+        start = time.perf_counter()
+        state, losses = run_chunk(state, cells)
+        losses.block_until_ready()
+        per_step.append((time.perf_counter() - start) / chunk)
+    return {"compile_seconds": compile_seconds, "step_seconds_median": float(np.median(per_step)),
+            "step_seconds_iqr": [float(np.quantile(per_step, 0.25)), float(np.quantile(per_step, 0.75))],
+            "timed_steps": n_chunks * chunk}
+
+
+def main(args):
+    config = load_config(args.config)
+    if args.likelihood:
+        config = config.replace(model={"likelihood": args.likelihood})
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+                           "device": str(jax.devices()[0])},
+               "config": config.to_dict(), "runs": []}
+    for n_genes in args.genes:
+        adata = simulate(n_genes, cells_per_condition=args.cells, likelihood=config.model.likelihood
+                         if config.model.likelihood != "zip" else "nb", seed=args.seed)
+        entry = {"genes": n_genes, "cells": adata.n_obs}
+        entry.update(step_times(adata, config, args.timed_chunks))
+        print(f"d={n_genes}: compile {entry['compile_seconds']:.1f} s, "
+              f"step {1e3 * entry['step_seconds_median']:.1f} ms (median)", flush=True)
+        if n_genes <= args.converge_up_to:
+            capped = config.replace(fit={"steps": args.max_steps})
+            start = time.perf_counter()
+            run = fit(adata, config=capped, progress=False)
+            entry.update({
+                "fit_seconds": time.perf_counter() - start,  # includes compile and posterior draws
+                "fit_steps": int(run.fit.losses.size), "converged": bool(run.fit.converged),
+                **{f"recovery_{k}": v for k, v in
+                   recovery_against_truth(run.posterior, truth_from_uns(adata)["effect"]).items()},
+            })
+            print(f"  fit: {entry['fit_steps']} steps, converged={entry['converged']}, "
+                  f"{entry['fit_seconds']:.0f} s, AUROC {entry['recovery_auroc']:.3f}", flush=True)
+        results["runs"].append(entry)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--genes", type=int, nargs="+", default=[20, 100, 300])
+    parser.add_argument("--cells", type=int, default=200, help="cells per condition")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--likelihood", default=None)
+    parser.add_argument("--timed-chunks", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=20000)
+    parser.add_argument("--converge-up-to", type=int, default=300, help="time full fits up to this d")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/benchmark_fit.json")
+    main(parser.parse_args())

@@ -1,0 +1,64 @@
+"""The command line follows design section 5: flag names, outputs, errors, help with examples."""
+import anndata
+import pytest
+import xarray as xr
+
+from lcd_bayes.cli import build_parser, main
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"simulate", "fit", "demo"} <= set(commands)
+    for name, sub in commands.items():
+        assert "example" in sub.format_help(), name
+
+
+def test_fit_flags_match_the_contract():
+    fit_help = build_parser().parse_args(["fit", "x.h5ad", "--out", "r"])
+    for flag in ("out", "config", "perturbation_key", "control", "sep", "targets", "likelihood", "layer",
+                 "steps", "seed"):
+        assert hasattr(fit_help, flag), flag
+
+
+def test_simulate_then_fit_writes_a_run(tmp_path, capsys):
+    data = tmp_path / "sim.h5ad"
+    assert main(["simulate", "--genes", "4", "--perturbations", "4", "--cells-per-perturbation", "20",
+                 "--seed", "0", "--out", str(data)]) == 0
+    adata = anndata.read_h5ad(data)
+    assert adata.shape == (100, 4) and "lcd_truth" in adata.uns
+
+    config = tmp_path / "tiny.toml"
+    config.write_text("[model]\nn_doublings = 12\n[fit]\nsteps_per_chunk = 20\nnum_posterior_samples = 20\n")
+    run = tmp_path / "run"
+    code = main(["fit", str(data), "--out", str(run), "--config", str(config), "--steps", "40", "--seed", "1",
+                 "--likelihood", "gaussian", "--perturbation-key", "condition", "--control", "ctrl",
+                 "--sep", "+", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Strongest direct effects" in out
+    tree = xr.open_datatree(run / "posterior.nc", engine="h5netcdf")
+    assert tree["posterior"].sizes["draw"] == 20
+    tree.close()
+    assert 'likelihood = "gaussian"' in (run / "config.toml").read_text()
+    assert "seed = 1" in (run / "config.toml").read_text()
+
+
+def test_bad_input_exits_with_a_message_not_a_traceback(tmp_path, capsys):
+    data = tmp_path / "sim.h5ad"
+    main(["simulate", "--genes", "3", "--cells-per-perturbation", "10", "--out", str(data)])
+    code = main(["fit", str(data), "--out", str(tmp_path / "run"), "--perturbation-key", "guide"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "guide" in err and "condition" in err  # names the missing key and what exists
+    assert main(["fit", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "r2")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_reported(tmp_path, capsys):
+    data = tmp_path / "sim.h5ad"
+    main(["simulate", "--genes", "3", "--cells-per-perturbation", "10", "--out", str(data)])
+    config = tmp_path / "bad.toml"
+    config.write_text("[fit]\nstepz = 3\n")
+    assert main(["fit", str(data), "--out", str(tmp_path / "run"), "--config", str(config)]) == 2
+    assert "stepz" in capsys.readouterr().err

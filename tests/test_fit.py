@@ -1,0 +1,134 @@
+"""The fit end to end on tiny problems: run folder, reproducibility, resume, failures."""
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import lcd_bayes.fit as fit_module
+from lcd_bayes.config import RunConfig
+from lcd_bayes.fit import FitError
+from lcd_bayes.run import fit, load_run
+from lcd_bayes.simulate import simulate
+
+TINY = RunConfig().replace(
+    fit={"steps": 120, "steps_per_chunk": 20, "checkpoint_every": 20, "num_posterior_samples": 50,
+         "min_steps": 120, "batch_size": 64},
+    model={"n_doublings": 12},
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_counts():
+    return simulate(5, cells_per_condition=30, likelihood="nb", seed=3)
+
+
+def test_run_folder_holds_a_readable_posterior(tiny_counts, tmp_path):
+    run = fit(tiny_counts, tmp_path / "run", config=TINY, progress=False)
+    folder = tmp_path / "run"
+    for name in ("config.toml", "data.json", "elbo.csv", "posterior.nc", "params.pkl", "summary.txt"):
+        assert (folder / name).exists(), name
+    assert not (folder / "checkpoint.pkl").exists()  # removed once the fit is complete
+
+    tree = xr.open_datatree(folder / "posterior.nc", engine="h5netcdf")
+    posterior = tree["posterior"]
+    genes = [f"G{i}" for i in range(5)]
+    assert posterior["interaction"].dims == ("chain", "draw", "source", "target")
+    assert list(posterior["source"].values) == genes and list(posterior["target"].values) == genes
+    assert posterior["shift"].dims == ("chain", "draw", "perturbation", "gene")
+    assert list(posterior["perturbation"].values) == genes
+    assert posterior.sizes["draw"] == 50
+    assert posterior["stationary_mean"].sizes["condition"] == 6
+    # The direct effect of j on k is A[k, j]: one orientation everywhere.
+    interaction = posterior["interaction"].values[0, 0]
+    drift = posterior["drift"].values[0, 0]
+    np.testing.assert_allclose(interaction[1, 3], drift[3, 1])
+    assert np.all(np.diag(interaction) == 0)
+    assert tree["svi"]["loss"].size == 120
+    tree.close()
+
+    loaded, config, record = load_run(folder)
+    assert config == TINY
+    assert record["conditions"][0] == "ctrl" and record["genes"] == genes
+    assert run.posterior["posterior"]["interaction"].shape == loaded["posterior"]["interaction"].shape
+
+
+def test_same_seed_same_result_and_other_seed_differs(tiny_counts):
+    first = fit(tiny_counts, config=TINY, progress=False)
+    again = fit(tiny_counts, config=TINY, progress=False)
+    other = fit(tiny_counts, config=TINY, seed=1, progress=False)
+    np.testing.assert_array_equal(first.fit.losses, again.fit.losses)
+    a = first.posterior["posterior"]["interaction"].values
+    np.testing.assert_array_equal(a, again.posterior["posterior"]["interaction"].values)
+    assert not np.array_equal(a, other.posterior["posterior"]["interaction"].values)
+
+
+def test_interrupted_fit_resumes_to_the_same_result(tiny_counts, tmp_path, monkeypatch):
+    uninterrupted = fit(tiny_counts, config=TINY, progress=False)
+
+    class InterruptAfterTwoChunks(fit_module.tqdm):
+        updates = 0
+
+        def update(self, n=1):
+            super().update(n)
+            InterruptAfterTwoChunks.updates += 1
+            if InterruptAfterTwoChunks.updates == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module, "tqdm", InterruptAfterTwoChunks)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_counts, tmp_path / "run", config=TINY, progress=False)
+    assert (tmp_path / "run" / "checkpoint.pkl").exists()
+    assert not (tmp_path / "run" / "posterior.nc").exists()
+
+    resumed = fit(tiny_counts, tmp_path / "run", config=TINY, progress=False)
+    np.testing.assert_allclose(resumed.fit.losses, uninterrupted.fit.losses, rtol=1e-6)
+    np.testing.assert_allclose(
+        resumed.posterior["posterior"]["interaction"].values,
+        uninterrupted.posterior["posterior"]["interaction"].values, rtol=1e-5, atol=1e-6,
+    )
+
+
+def test_checkpoint_of_other_settings_is_refused(tiny_counts, tmp_path, monkeypatch):
+    class InterruptAtOnce(fit_module.tqdm):
+        def update(self, n=1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module, "tqdm", InterruptAtOnce)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_counts, tmp_path / "run", config=TINY, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(FitError, match="other data or settings"):
+        fit(tiny_counts, tmp_path / "run", config=TINY, seed=7, progress=False)
+
+
+def test_finished_run_is_not_overwritten(tiny_counts, tmp_path):
+    fit(tiny_counts, tmp_path / "run", config=TINY, progress=False)
+    with pytest.raises(FileExistsError, match="already holds a finished fit"):
+        fit(tiny_counts, tmp_path / "run", config=TINY, progress=False)
+
+
+def test_non_finite_elbo_stops_with_a_clear_message(tiny_counts, tmp_path):
+    explosive = TINY.replace(fit={"learning_rate": 1e12, "clip_norm": 1e30, "warmup_steps": 1})
+    with pytest.raises(FitError, match="non-finite"):
+        fit(tiny_counts, tmp_path / "run", config=explosive, progress=False)
+    assert (tmp_path / "run" / "checkpoint.pkl").exists()  # the last finite state is kept
+
+
+def test_convergence_check_stops_early_on_a_flat_elbo():
+    rng = np.random.default_rng(0)
+    flat = 1000 + rng.normal(0, 1, 1000)
+    falling = np.linspace(2000, 1000, 1000) + rng.normal(0, 1, 1000)
+    assert fit_module.has_converged(flat, window=200, tol=1e-6)
+    assert not fit_module.has_converged(falling, window=200, tol=1e-6)
+    assert not fit_module.has_converged(flat[:300], window=200, tol=1e-6)  # too short to judge
+
+
+@pytest.mark.parametrize("likelihood", ["zip", "poisson", "gaussian"])
+def test_every_likelihood_fits(likelihood):
+    adata = simulate(4, cells_per_condition=20, likelihood="gaussian" if likelihood == "gaussian" else "nb", seed=1)
+    run = fit(adata, config=TINY.replace(fit={"steps": 40, "min_steps": 40}), likelihood=likelihood, progress=False)
+    assert np.all(np.isfinite(run.fit.losses))
+    assert run.config.model.likelihood == likelihood
+    noise = {"zip": "gate", "poisson": "gene_scale", "gaussian": "noise_sd"}[likelihood]
+    assert noise in run.posterior["posterior"]
