@@ -53,7 +53,7 @@ def build_inference(structure: Structure, config: RunConfig) -> Inference:
     model = functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size)
     # Globals: a Gaussian guide (mean-field, or low-rank for correlated drift entries).
     # The global part sees neither the per-cell states nor the deterministic summaries.
-    hidden_locals = block(model, hide_fn=lambda site: site.get("name") == "x_white" or site.get("type") == "deterministic")
+    hidden_locals = block(model, hide_fn=lambda site: site.get("name") == "x" or site.get("type") == "deterministic")
     if fit.guide == "low_rank":
         global_guide = AutoLowRankMultivariateNormal(
             hidden_locals, rank=fit.guide_rank, init_loc_fn=init_to_median, init_scale=fit.init_scale
@@ -78,15 +78,13 @@ def build_inference(structure: Structure, config: RunConfig) -> Inference:
 
 
 def has_converged(losses: np.ndarray, window: int, tol: float) -> bool:
-    """The ELBO has stopped improving: the mean loss of the last window is not lower than the
-    window before it by more than two standard errors of their difference (the noise of the
-    stochastic ELBO), or by more than ``tol`` relative to its size."""
+    """The ELBO has stopped improving: the median loss of the last ``window`` steps is lower than
+    that of the window before by less than ``tol`` relative to its size. Medians, because a few
+    stray draws can make single steps' losses jump by orders of magnitude."""
     if losses.size < 2 * window:
         return False
-    previous, current = losses[-2 * window:-window], losses[-window:]
-    improvement = previous.mean() - current.mean()
-    noise = 2.0 * np.sqrt((previous.var() + current.var()) / window)
-    return bool(improvement < max(noise, tol * abs(current.mean())))
+    previous, current = np.median(losses[-2 * window:-window]), np.median(losses[-window:])
+    return bool(previous - current < tol * abs(current))
 
 
 class Checkpoint(NamedTuple):

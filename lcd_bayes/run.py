@@ -25,7 +25,7 @@ import pandas as pd
 import xarray as xr
 
 from .config import RunConfig, load_config
-from .data import PerturbationData, load_perturbation_data, read_targets
+from .data import PerturbationData, load_perturbation_data, read_targets, summarize
 from .fit import FitResult, fit_svi
 from .model import CellBatch, Structure, link
 from .posterior import Coords, draw_globals, load_datatree, save_datatree, to_datatree
@@ -93,6 +93,8 @@ def fit(
         genes=genes, n_top_genes=n_top_genes, continuous=run_config.model.likelihood == "gaussian",
         total_counts_key=total_counts_key,
     )
+    if progress:
+        print(summarize(data), flush=True)
     folder = Path(out) if out is not None else None
     if folder is not None:
         if (folder / "posterior.nc").exists():

@@ -119,9 +119,12 @@ def test_convergence_check_stops_early_on_a_flat_elbo():
     rng = np.random.default_rng(0)
     flat = 1000 + rng.normal(0, 1, 1000)
     falling = np.linspace(2000, 1000, 1000) + rng.normal(0, 1, 1000)
-    assert fit_module.has_converged(flat, window=200, tol=1e-6)
-    assert not fit_module.has_converged(falling, window=200, tol=1e-6)
-    assert not fit_module.has_converged(flat[:300], window=200, tol=1e-6)  # too short to judge
+    spiky = flat.copy()
+    spiky[-5:] = 1e7  # a few stray steps must not end (or prolong) the fit
+    assert fit_module.has_converged(flat, window=200, tol=1e-3)
+    assert fit_module.has_converged(spiky, window=200, tol=1e-3)
+    assert not fit_module.has_converged(falling, window=200, tol=1e-3)
+    assert not fit_module.has_converged(flat[:300], window=200, tol=1e-3)  # too short to judge
 
 
 @pytest.mark.parametrize("likelihood", ["zip", "poisson", "gaussian"])
