@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU unless the user asks for an accelerator
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files: never open a window
 
 
 def _add_simulate(sub):
@@ -92,9 +93,55 @@ def _print_fit(run):
         print(f"run folder: {run.folder} (posterior.nc, elbo.csv, config.toml)")
 
 
+def _add_clipr(sub):
+    p = sub.add_parser(
+        "clipr", help="causal effects with credible intervals by CLIPR on every posterior draw",
+        description="Apply CLIPR to every posterior drift draw of a run; writes RUN/clipr.nc "
+                    "(effect draws and their summary) and RUN/edges.csv (one row per ordered gene pair).",
+        epilog="example: lcd-bayes clipr runs/sim --tau 0.5 --hdi-prob 0.9",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", help="run folder written by `lcd-bayes fit`")
+    p.add_argument("--ridge", type=float, default=None,
+                   help="Tikhonov ridge relative to trace(L L^T)/genes (default: 1e-6)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="effect size that counts as an edge (default: 0.1 x the median self-decay)")
+    p.add_argument("--hdi-prob", type=float, default=0.9, help="mass of the credible intervals (default: 0.9)")
+    p.add_argument("--top", type=int, default=10, help="edges to print (default: 10)")
+    p.set_defaults(func=_clipr)
+
+
+def _clipr(args):
+    from .clipr import clipr_run, format_edges
+
+    _, table = clipr_run(args.run, ridge=args.ridge, tau=args.tau, hdi_prob=args.hdi_prob)
+    print(format_edges(table, args.top))
+    print(f"wrote {Path(args.run) / 'clipr.nc'} and {Path(args.run) / 'edges.csv'} ({len(table)} gene pairs)")
+
+
+def _add_report(sub):
+    p = sub.add_parser(
+        "report", help="figures of a run: ELBO trace, edge heatmap, forest plot, network",
+        description="Write PNG figures into the run folder (runs `clipr` first if RUN/clipr.nc is missing).",
+        epilog="example: lcd-bayes report runs/sim --prob-threshold 0.9 --top 20",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run", help="run folder written by `lcd-bayes fit`")
+    p.add_argument("--prob-threshold", type=float, default=0.9, help="edge probability drawn in the network")
+    p.add_argument("--top", type=int, default=20, help="edges in the forest plot")
+    p.set_defaults(func=_report)
+
+
+def _report(args):
+    from .plots import report_run
+
+    for path in report_run(args.run, prob_threshold=args.prob_threshold, top=args.top):
+        print(f"wrote {path}")
+
+
 def _add_demo(sub):
     p = sub.add_parser(
-        "demo", help="simulate -> fit -> summary on an embedded default (20 genes, NB counts)",
+        "demo", help="simulate -> fit -> clipr -> report on an embedded default (20 genes, NB counts)",
         epilog="example: lcd-bayes demo --out lcd-demo",
     )
     p.add_argument("--out", default="lcd-demo", help="folder for the simulated data and the run")
@@ -107,6 +154,8 @@ def _add_demo(sub):
 def _demo(args):
     import shutil
 
+    from .clipr import clipr_run
+    from .plots import report_run
     from .run import fit
     from .simulate import simulate, truth_from_uns
     from .summary import recovery_against_truth
@@ -125,6 +174,10 @@ def _demo(args):
     scores = recovery_against_truth(run.posterior, truth_from_uns(adata)["effect"])
     print(f"recovery of the {scores['n_edges']} true edges: AUROC {scores['auroc']:.3f}, "
           f"AUPRC {scores['auprc']:.3f}, sign accuracy {scores['sign_accuracy']:.3f}")
+    _, table = clipr_run(out / "run")
+    print(f"CLIPR edge table: {out / 'run' / 'edges.csv'} ({len(table)} ordered gene pairs)")
+    figures = report_run(out / "run")
+    print("figures: " + ", ".join(str(path) for path in figures))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 
@@ -135,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: lcd-bayes demo",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_fit, _add_demo):
+    for add in (_add_simulate, _add_fit, _add_clipr, _add_report, _add_demo):
         add(sub)
     return parser
 

@@ -3,6 +3,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The tests' matrices are tiny: one BLAS thread avoids oversubscribing the 2 cores, which made
+# LAPACK calls (Cholesky, QR) hundreds of times slower under load.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pathlib import Path
 

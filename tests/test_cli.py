@@ -9,7 +9,7 @@ from lcd_bayes.cli import build_parser, main
 def test_every_command_has_help_with_an_example(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"simulate", "fit", "demo"} <= set(commands)
+    assert {"simulate", "fit", "clipr", "report", "demo"} <= set(commands)
     for name, sub in commands.items():
         assert "example" in sub.format_help(), name
 
