@@ -9,6 +9,9 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU unless the user asks for an accelerator
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files: never open a window
+# jaxlib's CPU LAPACK calls (Cholesky, solves) go through OpenBLAS, whose threads fight XLA's
+# own: on a busy 2-core machine a small solve ran ~100x slower multi-threaded.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _add_simulate(sub):

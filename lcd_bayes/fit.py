@@ -87,6 +87,15 @@ def has_converged(losses: np.ndarray, window: int, tol: float) -> bool:
     return bool(previous - current < tol * abs(current))
 
 
+def stays_converged(losses: np.ndarray, fit) -> bool:
+    """``has_converged`` held at each of the last chunk ends spanning a whole window: a single
+    noisy pair of windows must not end the fit. Computed from the losses alone, so a resumed
+    fit stops exactly where the uninterrupted one would."""
+    patience = max(1, fit.convergence_window // fit.steps_per_chunk)
+    ends = losses.size - fit.steps_per_chunk * np.arange(patience)
+    return all(has_converged(losses[:end], fit.convergence_window, fit.convergence_tol) for end in ends)
+
+
 class Checkpoint(NamedTuple):
     state: object  # SVIState with numpy leaves
     losses: np.ndarray
@@ -146,7 +155,7 @@ def fit_svi(
     if resumed is not None:
         state = jax.tree_util.tree_map(jnp.asarray, resumed.state)
         losses = resumed.losses
-    converged = has_converged(losses, fit.convergence_window, fit.convergence_tol) and losses.size >= fit.min_steps
+    converged = False
 
     bar = tqdm(total=fit.steps, initial=losses.size, desc="SVI", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -173,9 +182,7 @@ def fit_svi(
             bar.set_postfix(elbo=f"{-chunk_losses.mean():.4g}")
             if checkpoint_path and losses.size % fit.checkpoint_every < fit.steps_per_chunk:
                 save_checkpoint(checkpoint_path, state, losses, fingerprint)
-            converged = losses.size >= fit.min_steps and has_converged(
-                losses, fit.convergence_window, fit.convergence_tol
-            )
+            converged = losses.size >= fit.min_steps and stays_converged(losses, fit)
     except KeyboardInterrupt:
         if checkpoint_path:
             save_checkpoint(checkpoint_path, state, losses, fingerprint)
