@@ -14,15 +14,8 @@ from lcd_bayes.clipr import (
     clipr_effects, clipr_run, edge_table, fixed_point, initial_response, limit_response, linear_drift,
     posterior_effects, single_perturbations,
 )
-from lcd_bayes.config import RunConfig
-from lcd_bayes.run import fit
-from lcd_bayes.simulate import random_linear_system, simulate
+from lcd_bayes.simulate import random_linear_system
 
-TINY = RunConfig().replace(
-    fit={"steps": 60, "steps_per_chunk": 20, "checkpoint_every": 20, "num_posterior_samples": 30,
-         "min_steps": 60, "batch_size": 64},
-    model={"n_doublings": 12},
-)
 COLUMNS = ["source", "target", "mean", "sd", "hdi_low", "hdi_high", "prob_edge", "prob_positive", "prob_negative"]
 
 
@@ -152,14 +145,6 @@ def test_arviz_reads_the_clipr_tree_without_sample_dims():
     assert set(interval.dims) == {"source", "target", "ci_bound"}
     collection = azp.plot_forest(tree, var_names=["effect"], coords={"source": ["A"]}, combined=True)
     plt.close(collection.viz["figure"].item())
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clipr") / "run"
-    adata = simulate(4, cells_per_condition=20, likelihood="gaussian", seed=0)
-    fit(adata, folder, config=TINY, likelihood="gaussian", progress=False)
-    return folder
 
 
 def test_clipr_run_writes_the_effects_and_the_edge_table(tiny_run):

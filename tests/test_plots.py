@@ -2,24 +2,7 @@
 import numpy as np
 import pytest
 
-from lcd_bayes.config import RunConfig
 from lcd_bayes.plots import plot_elbo, report_run
-from lcd_bayes.run import fit
-from lcd_bayes.simulate import simulate
-
-TINY = RunConfig().replace(
-    fit={"steps": 60, "steps_per_chunk": 20, "checkpoint_every": 20, "num_posterior_samples": 30,
-         "min_steps": 60, "batch_size": 64},
-    model={"n_doublings": 12},
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("report") / "run"
-    adata = simulate(4, cells_per_condition=20, likelihood="gaussian", seed=0)
-    fit(adata, folder, config=TINY, likelihood="gaussian", progress=False)
-    return folder
 
 
 def test_report_writes_four_figures_and_computes_clipr_first(tiny_run):
