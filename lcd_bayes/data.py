@@ -605,6 +605,21 @@ def _resolve_target_names(perturbations, mapping, var_set: set[str], var_names) 
     return names
 
 
+def _positive_obs_column(adata, key: str, argument: str) -> np.ndarray:
+    """A numeric obs column of positive, finite values per cell, or a DataError saying why not."""
+    if key not in adata.obs.columns:
+        raise DataError(f"{argument} {key!r} is not a column of adata.obs (columns: {_few(list(adata.obs.columns))}).")
+    try:
+        values = adata.obs[key].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"obs[{key!r}] must be numeric; it holds {adata.obs[key].dtype} values.") from None
+    bad = ~np.isfinite(values) | (values <= 0)
+    if bad.any():
+        raise DataError(f"obs[{key!r}] has {int(bad.sum())} cells with missing, infinite, zero or negative "
+                        f"values; {argument} needs a positive number for every cell.")
+    return values
+
+
 def _gene_variance(matrix, size_factor: np.ndarray | None) -> np.ndarray:
     """Per-gene variance of log1p(counts / size_factor), or of the values when size_factor is None.
 
@@ -647,6 +662,7 @@ def load_perturbation_data(
     n_top_genes: int | None = None,
     continuous: bool = False,
     total_counts_key: str | None = None,
+    size_factor_key: str | None = None,
     target_sum: float = 1e4,
     min_cells_per_condition: int = 2,
     min_genes: int = 2,
@@ -680,6 +696,10 @@ def load_perturbation_data(
     total_counts_key : str, optional
         Explicit opt-in for log1p(library-normalized) data: obs column of total counts per
         cell; counts are round(expm1(X) * obs[total_counts_key] / target_sum).
+    size_factor_key : str, optional
+        obs column of library sizes (or size factors) to use instead of the modelled counts'
+        totals: when only a small panel of genes is modelled, its totals move with the
+        perturbations themselves and would absorb part of their effect.
     target_sum : float
         Normalization total used to make X (scanpy's ``normalize_total(target_sum=...)``).
     min_cells_per_condition : int
@@ -759,6 +779,8 @@ def load_perturbation_data(
     if continuous:
         size_factor = np.ones(adata.n_obs)
     else:
+        if size_factor_key is not None:
+            totals = _positive_obs_column(adata, size_factor_key, "size_factor_key")
         if totals is None:
             totals = _row_totals(matrix)
         empty = np.flatnonzero(totals <= 0)

@@ -74,6 +74,7 @@ def fit(
     genes: list[str] | None = None,
     n_top_genes: int | None = None,
     total_counts_key: str | None = None,
+    size_factor_key: str | None = None,
     progress: bool = True,
 ) -> FittedRun:
     """Fit a latent causal diffusion to a perturbation screen and return its posterior.
@@ -91,7 +92,7 @@ def fit(
     data = load_perturbation_data(
         adata, perturbation_key=perturbation_key, control=control, sep=sep, layer=layer, targets=targets,
         genes=genes, n_top_genes=n_top_genes, continuous=run_config.model.likelihood == "gaussian",
-        total_counts_key=total_counts_key,
+        total_counts_key=total_counts_key, size_factor_key=size_factor_key,
     )
     if progress:
         print(summarize(data), flush=True)

@@ -348,3 +348,20 @@ def test_conflicting_options():
         load_perturbation_data(make_adata(), genes=["A", "B"], n_top_genes=2)
     with pytest.raises(DataError, match="one or the other"):
         load_perturbation_data(make_adata(), continuous=True, total_counts_key="n")
+
+
+def test_size_factors_from_an_obs_column_of_library_sizes():
+    import anndata
+
+    rng = np.random.default_rng(0)
+    adata = anndata.AnnData(rng.poisson(5, (12, 4)).astype(np.float32))
+    adata.var_names = ["A", "B", "C", "D"]
+    adata.obs["condition"] = ["ctrl"] * 4 + ["A"] * 4 + ["B"] * 4
+    adata.obs["library"] = np.linspace(1000, 3000, 12)
+    data = load_perturbation_data(adata, size_factor_key="library")
+    np.testing.assert_allclose(data.size_factor, adata.obs["library"] / np.median(adata.obs["library"]), rtol=1e-6)
+    with pytest.raises(DataError, match="not a column"):
+        load_perturbation_data(adata, size_factor_key="libsize")
+    adata.obs.loc[adata.obs_names[0], "library"] = 0.0
+    with pytest.raises(DataError, match="positive number for every cell"):
+        load_perturbation_data(adata, size_factor_key="library")
