@@ -135,3 +135,9 @@ def test_every_likelihood_fits(likelihood):
     assert run.config.model.likelihood == likelihood
     noise = {"zip": "gate", "poisson": "gene_scale", "gaussian": "noise_sd"}[likelihood]
     assert noise in run.posterior["posterior"]
+
+
+def test_shipped_config_is_the_default():
+    from lcd_bayes.config import load_config
+
+    assert load_config("models/lcd_linear.toml") == RunConfig()
