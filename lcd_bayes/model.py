@@ -1,7 +1,7 @@
 """The latent causal diffusion as one NumPyro program (design section 2, linear drift).
 
-    A = W - diag(exp(kappa))                    drift; A[k, j] is the direct effect of j on k
-    c_p = on-target shift on T(p) + sparse off-target shift
+    A = D (R - I),  D = diag(exp(kappa))        drift (= W - D with W = D R); A[k, j]: effect of j on k
+    c_p = D (on-target shift on T(p) + sparse off-target shift for labels without modelled target)
     mu_q = -A^{-1} (b + sum_{p in q} c_p)       stationary mean of condition q
     Sigma = F Sigma F^T + sigma^2 dt I          stationary covariance, F = I + dt A
     x_i ~ N(mu_q(i), Sigma)                     latent state of cell i
