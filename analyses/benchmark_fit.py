@@ -32,19 +32,14 @@ from lcd_bayes.data import load_perturbation_data
 from lcd_bayes.fit import build_inference
 from lcd_bayes.model import CellBatch
 from lcd_bayes.run import fit, structure_of
-from lcd_bayes.simulate import simulate, truth_from_uns
+from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 from lcd_bayes.summary import recovery_against_truth
-
-
-def _size_factor_key(config):
-    """The simulator's library sizes (a small panel's totals move with the perturbations)."""
-    return None if config.model.likelihood == "gaussian" else "size_factor"
 
 
 def step_times(adata, config, n_chunks: int) -> dict:
     """Compile time and the median per-step time of the jitted, scanned SVI step."""
     data = load_perturbation_data(adata, continuous=config.model.likelihood == "gaussian",
-                                  size_factor_key=_size_factor_key(config))
+                                  size_factor_key=LIBRARY_SIZE_KEY)
     structure = structure_of(data, config)
     svi = build_inference(structure, config).svi
     cells = CellBatch(*(jax.numpy.asarray(a) for a in (data.counts, data.size_factor, data.condition)))
@@ -83,7 +78,7 @@ def main(args):
         if n_genes <= args.converge_up_to:
             capped = config.replace(fit={"steps": args.max_steps})  # None keeps the config's steps
             start = time.perf_counter()
-            run = fit(adata, config=capped, size_factor_key=_size_factor_key(config), progress=False)
+            run = fit(adata, config=capped, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
             entry.update({
                 "fit_seconds": time.perf_counter() - start,  # includes compile and posterior draws
                 "fit_steps": int(run.fit.losses.size), "converged": bool(run.fit.converged),

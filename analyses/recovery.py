@@ -32,7 +32,7 @@ import numpy as np
 from lcd_bayes.clipr import clipr_run
 from lcd_bayes.metrics import edge_recovery, off_diagonal
 from lcd_bayes.run import fit
-from lcd_bayes.simulate import simulate, truth_from_uns
+from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
 def coverage(effect, truth: np.ndarray, prob: float, mask: np.ndarray) -> float:
@@ -92,9 +92,8 @@ def main(args):
                 start = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
                     folder = Path(tmp) / "run"
-                    size_factor_key = None if likelihood == "gaussian" else "size_factor"
                     run = fit(adata, folder, likelihood=likelihood, seed=args.seed,
-                              size_factor_key=size_factor_key, progress=False)
+                              size_factor_key=LIBRARY_SIZE_KEY, progress=False)
                     row = {"genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
                            "seed": args.seed, "steps": int(run.fit.losses.size), **score(folder, truth),
                            "seconds": time.perf_counter() - start}

@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 
 from lcd_bayes.run import fit
-from lcd_bayes.simulate import simulate, truth_from_uns
+from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 from lcd_bayes.summary import recovery_against_truth
 
 
@@ -33,9 +33,7 @@ def main(args):
                 adata = simulate(args.genes, n_perturbed=fraction, cells_per_condition=args.cells,
                                  likelihood=likelihood, seed=seed)
                 start = time.perf_counter()
-                # library sizes from the simulator: a 20-gene panel's totals move with the perturbations
-                size_factor_key = None if likelihood == "gaussian" else "size_factor"
-                run = fit(adata, likelihood=likelihood, seed=seed, size_factor_key=size_factor_key, progress=False)
+                run = fit(adata, likelihood=likelihood, seed=seed, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
                 scores = recovery_against_truth(run.posterior, truth_from_uns(adata)["effect"])
                 rows.append({"seed": seed, "likelihood": likelihood, "perturbed_fraction": fraction,
                              "genes": args.genes, "steps": int(run.fit.losses.size),

@@ -164,7 +164,7 @@ def _demo(args):
     from .clipr import clipr_run
     from .plots import report_run
     from .run import fit
-    from .simulate import simulate, truth_from_uns
+    from .simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
     from .summary import recovery_against_truth
 
     start = time.perf_counter()
@@ -176,9 +176,7 @@ def _demo(args):
     adata.write_h5ad(out / "sim.h5ad")
     print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, every gene perturbed once "
           f"(NB counts; truth in {out / 'sim.h5ad'})")
-    # The simulator draws each cell's library size apart from its 20 genes; totals of so small a
-    # panel would move with the perturbations themselves.
-    run = fit(adata, out / "run", steps=args.steps, seed=args.seed, size_factor_key="size_factor",
+    run = fit(adata, out / "run", steps=args.steps, seed=args.seed, size_factor_key=LIBRARY_SIZE_KEY,
               progress=not args.no_progress)
     _print_fit(run)
     scores = recovery_against_truth(run.posterior, truth_from_uns(adata)["effect"])

@@ -29,6 +29,7 @@ from scipy.linalg import solve_continuous_lyapunov
 
 __all__ = [
     "CONTROL_LABEL",
+    "LIBRARY_SIZE_KEY",
     "LIKELIHOODS",
     "SHIFT_SIGNS",
     "LinearSystem",
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 CONTROL_LABEL = "ctrl"
+# obs column of each cell's simulated library size factor (count likelihoods). Only the panel's
+# genes are simulated, so their totals move with the perturbations: pass this column to
+# ``fit(..., size_factor_key=LIBRARY_SIZE_KEY)`` (continuous fits ignore it).
+LIBRARY_SIZE_KEY = "size_factor"
 LIKELIHOODS = ("nb", "poisson", "gaussian")
 SHIFT_SIGNS = ("random", "positive", "negative")
 TRUTH_KEY = "lcd_truth"
@@ -495,7 +500,7 @@ def simulate(
         counts, params = _observe_counts(latent, likelihood, mean_count, size_factor_sd, rng_obs)
         X = counts
         layers["counts"] = counts
-        obs["size_factor"] = params["size_factor"]
+        obs[LIBRARY_SIZE_KEY] = params["size_factor"]
         truth["gene_scale"] = params["gene_scale"]
         if likelihood == "nb":
             truth["concentration"] = params["concentration"]
