@@ -146,6 +146,114 @@ def _report(args):
         print(f"wrote {path}")
 
 
+def _add_predict(sub):
+    p = sub.add_parser(
+        "predict", help="predicted cells of perturbation conditions (combinations of trained labels, or "
+                        "single perturbations of modelled genes) from a run's posterior",
+        epilog='example: lcd-bayes predict runs/sim --perturbations "G1+G2,G3" --cells 500 --out pred.h5ad',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run", help="run folder written by `lcd-bayes fit`")
+    p.add_argument("--perturbations", required=True, help='conditions, comma-separated: "A+B,C"')
+    p.add_argument("--cells", type=int, default=100, help="cells per condition")
+    p.add_argument("--draws", type=int, default=100, help="posterior draws the cells cycle over")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output .h5ad (default: RUN/predictions.h5ad)")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args):
+    from .predict import predict
+
+    start = time.perf_counter()
+    adata = predict(args.run, args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed)
+    out = Path(args.out) if args.out else Path(args.run) / "predictions.h5ad"
+    _write_prediction(adata, out, start)
+
+
+def _write_prediction(adata, out: Path, start: float) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    info = adata.uns["lcd_bayes"]
+    key = info["perturbation_key"]
+    print(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes ({info['space']}), "
+          f"{adata.obs[key].nunique()} conditions in obs[{key!r}], by {info['method']}, "
+          f"in {time.perf_counter() - start:.1f} s")
+
+
+def _add_baseline(sub):
+    from .baselines import BASELINES
+
+    p = sub.add_parser(
+        "baseline", help="predicted cells from a baseline (no change, additive, linear) fitted to training data",
+        epilog='example: lcd-bayes baseline train.h5ad --method additive --perturbations "A+B" --out additive.h5ad',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data", help="training AnnData .h5ad")
+    p.add_argument("--method", choices=BASELINES, required=True)
+    p.add_argument("--perturbations", required=True, help='conditions, comma-separated: "A+B,C"')
+    p.add_argument("--cells", type=int, default=None, help="cells per condition (default: as many as control)")
+    p.add_argument("--perturbation-key", default="condition")
+    p.add_argument("--control", default="ctrl")
+    p.add_argument("--sep", default="+")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--total-counts-key", default=None,
+                   help="obs column of library sizes, when X is log1p-normalized instead of counts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.set_defaults(func=_baseline)
+
+
+def _baseline(args):
+    from .baselines import predict_baseline
+    from .run import read_h5ad
+
+    start = time.perf_counter()
+    adata = predict_baseline(
+        read_h5ad(args.data), args.perturbations.split(","), method=args.method, n_cells=args.cells,
+        perturbation_key=args.perturbation_key, control=args.control, sep=args.sep, layer=args.layer,
+        total_counts_key=args.total_counts_key, seed=args.seed,
+    )
+    _write_prediction(adata, Path(args.out), start)
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser(
+        "evaluate", help="score predicted cells against observed cells (energy distance, MMD, Pearson delta, RMSE)",
+        description="Compare each predicted condition with the observed cells of the same condition on "
+                    "library-normalized log1p expression of the predicted genes. Writes metrics.csv "
+                    "(per condition), metrics.json (with the aggregate) and mean_shift.png.",
+        epilog="example: lcd-bayes evaluate pred.h5ad heldout.h5ad --out pred_evaluation",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("prediction", help="predicted cells (.h5ad from `predict` or `baseline`)")
+    p.add_argument("observed", help="observed cells (.h5ad) with the same conditions and control cells")
+    p.add_argument("--out", default=None, help="output folder (default: <prediction stem>_evaluation/)")
+    p.add_argument("--perturbation-key", default=None, help="default: the prediction's")
+    p.add_argument("--control", default=None, help="label of control cells (default: the prediction's)")
+    p.add_argument("--layer", default=None, help="layer of the observed file to read")
+    p.add_argument("--total-counts-key", default=None,
+                   help="obs column of library sizes, when the observed X is log1p-normalized")
+    p.add_argument("--top-de", type=int, default=20, help="genes in the top-DE Pearson delta")
+    p.add_argument("--seed", type=int, default=0, help="seed of cell subsampling (over 1000 cells)")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args):
+    from .evaluate import evaluate_files
+
+    table, aggregate, out = evaluate_files(
+        args.prediction, args.observed, args.out, perturbation_key=args.perturbation_key,
+        control=args.control, layer=args.layer, total_counts_key=args.total_counts_key,
+        n_top_de=args.top_de, seed=args.seed,
+    )
+    columns = ["condition", "energy_distance", "mmd", "pearson_delta_all", "pearson_delta_top_de", "rmse_mean"]
+    print(table[[c for c in columns if c in table.columns]].to_string(index=False, float_format="%.3f"))
+    means = aggregate["mean"]
+    print("mean over conditions: " + ", ".join(f"{k} {means[k]:.3f}" for k in columns[1:] if k in means))
+    print(f"wrote {out / 'metrics.csv'}, {out / 'metrics.json'}, {out / 'mean_shift.png'}")
+
+
 def _add_demo(sub):
     p = sub.add_parser(
         "demo", help="simulate -> fit -> clipr -> report on an embedded default (20 genes, NB counts)",
@@ -196,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: lcd-bayes demo",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_fit, _add_clipr, _add_report, _add_demo):
+    for add in (_add_simulate, _add_fit, _add_clipr, _add_report, _add_predict, _add_baseline, _add_evaluate,
+                _add_demo):
         add(sub)
     return parser
 

@@ -139,6 +139,7 @@ def read_h5ad(path: str | Path) -> anndata.AnnData:
 
 
 def _data_record(data: PerturbationData) -> dict:
+    control = data.condition == 0
     return {
         "perturbation_key": data.perturbation_key, "control": data.control, "sep": data.sep,
         "is_counts": data.is_counts, "genes": list(data.genes), "conditions": list(data.conditions),
@@ -146,6 +147,9 @@ def _data_record(data: PerturbationData) -> dict:
         "targets": {p: [g for g, t in zip(data.genes, row) if t] for p, row in zip(data.perturbations, data.targets)},
         "cells_per_condition": np.bincount(data.condition, minlength=data.n_conditions).tolist(),
         "mean_size_factor_log_sd": float(np.std(np.log(data.size_factor))) if data.is_counts else 0.0,
+        # Predicted cells draw library sizes like the control cells': log-normal with these moments.
+        "control_size_factor_log_mean": float(np.mean(np.log(data.size_factor[control]))) if data.is_counts else 0.0,
+        "control_size_factor_log_sd": float(np.std(np.log(data.size_factor[control]))) if data.is_counts else 0.0,
     }
 
 

@@ -1,0 +1,232 @@
+"""Predict cells of perturbation conditions from a fitted run's posterior.
+
+A requested condition ``q`` is a set of labels. Each label is either a perturbation seen in
+training (its posterior shift ``c_p``) or a modelled gene never perturbed in training, whose
+on-target shift comes from the hierarchical prior's posterior predictive:
+
+    c_new = D_g (shift_mean + shift_sd z) e_g,      z ~ N(0, 1), one z per draw and label
+
+For every posterior draw ``s`` the condition's stationary law is
+
+    mu_sq = -A_s^{-1} (b_s + sum_{p in q} c_sp),    Sigma_s (shared by all conditions)
+
+and a predicted cell is ``x ~ N(mu_sq, Sigma_s)``, a library size ``s ~ LogNormal`` with the
+control cells' moments, and counts ``y ~ NB(s link(x) u_s, phi_s)`` (or the run's likelihood).
+Cells cycle over a random subset of draws, so the spread of predicted cells carries the
+posterior's uncertainty as well as the cell-to-cell noise.
+
+Per-gene expected expression, ``E[y_g] = E[s] u_g E[link(x_g)]`` (Gauss-Hermite over
+``x_g ~ N(mu_g, Sigma_gg)``), is summarized over all draws: posterior mean and a 90% interval.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import anndata
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from .data import DataError
+from .expression import label_parts, prediction_anndata
+from .model import link
+from .run import load_run
+from .stationary import stationary_law, stationary_means
+
+DEFAULT_CELL_DRAWS = 100  # posterior draws the predicted cells cycle over
+INTERVAL = 0.9
+_HERMITE_NODES = 32
+
+
+class Request(NamedTuple):
+    """Requested conditions in terms of the run's perturbations."""
+
+    conditions: tuple[str, ...]  # canonical labels, in the order asked
+    design: np.ndarray  # (conditions, training perturbations) 0/1
+    new_design: np.ndarray  # (conditions, new labels) 0/1
+    new_targets: np.ndarray  # (new labels, genes) 0/1: the gene each new label targets
+    new_labels: tuple[str, ...]
+
+
+def parse_request(perturbations, record: dict, *, has_target_law: bool) -> Request:
+    """Check each requested label against what the run can predict and build design rows.
+
+    ``perturbations`` is a comma-separated string (``"A+B,C"``) or a list of labels.
+    """
+    control, sep = record["control"], record["sep"]
+    if isinstance(perturbations, str):
+        perturbations = perturbations.split(",")
+    requested = [str(label).strip() for label in perturbations if str(label).strip()]
+    if not requested:
+        raise DataError('no conditions requested; pass labels such as "A+B,C" (combinations joined '
+                        f"by {sep!r}, conditions separated by commas)")
+    known = list(record["perturbations"])
+    genes = list(record["genes"])
+    conditions, parts_of = [], []
+    for label in requested:
+        parts = label_parts(label, control, sep)
+        canonical = sep.join(parts) if parts else control
+        if canonical not in conditions:
+            conditions.append(canonical)
+            parts_of.append(parts)
+
+    new_labels = sorted({p for parts in parts_of for p in parts if p not in known})
+    unknown = [p for p in new_labels if p not in genes]
+    if unknown:
+        hints = []
+        for p in unknown[:5]:
+            by_lower = {name.lower(): name for name in known + genes}  # case slips are the usual typo
+            close = [by_lower[m] for m in difflib.get_close_matches(p.lower(), list(by_lower), n=3)]
+            hints.append(f"{p!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+        raise DataError(
+            f"the run cannot know the effect of {', '.join(hints)}: not a perturbation seen in training "
+            f"({len(known)} labels, e.g. {', '.join(map(repr, known[:6]))}) and not a modelled gene, so "
+            "no on-target shift is defined. Predict combinations of trained labels, or single "
+            "perturbations of modelled genes."
+        )
+    if new_labels and not has_target_law:
+        raise DataError(
+            f"{', '.join(map(repr, new_labels))} were never perturbed in training, and no training label "
+            "targeted a modelled gene, so the run has no on-target shift law to predict them from. "
+            "Predict conditions built from the trained labels only."
+        )
+    design = np.array([[p in parts for p in known] for parts in parts_of], dtype=np.float32).reshape(len(conditions), len(known))
+    new_design = np.array([[p in parts for p in new_labels] for parts in parts_of],
+                          dtype=np.float32).reshape(len(conditions), len(new_labels))
+    new_targets = np.array([[g == p for g in genes] for p in new_labels], dtype=np.float32).reshape(len(new_labels), len(genes))
+    return Request(tuple(conditions), design, new_design, new_targets, tuple(new_labels))
+
+
+def _posterior_array(posterior, name: str) -> np.ndarray:
+    """Stack ``(chain, draw, ...)`` into ``(sample, ...)``."""
+    value = posterior[name].values
+    return value.reshape((-1,) + value.shape[2:])
+
+
+def condition_offsets(draws: dict, request: Request, key: jax.Array) -> jax.Array:
+    """``b + sum_p c_p`` for every draw and requested condition, shape (draws, conditions, genes)."""
+    offsets = draws["basal_drift"][:, None, :] + jnp.einsum("qp,spg->sqg", request.design, draws["shift"])
+    if request.new_labels:
+        z = jax.random.normal(key, (draws["basal_drift"].shape[0], len(request.new_labels)))
+        on_target = draws["shift_mean"][:, None] + draws["shift_sd"][:, None] * z  # (draws, new labels)
+        new_shift = draws["self_decay"][:, None, :] * on_target[..., None] * request.new_targets
+        offsets = offsets + jnp.einsum("ql,slg->sqg", request.new_design, new_shift)
+    return offsets
+
+
+def expected_link(mean: jax.Array, sd: jax.Array, link_name: str) -> jax.Array:
+    """``E[link(x)]`` for ``x ~ N(mean, sd^2)``, elementwise, by Gauss-Hermite quadrature."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(_HERMITE_NODES)
+    weights = jnp.asarray(weights / weights.sum(), dtype=mean.dtype)
+    values = link(mean[..., None] + sd[..., None] * jnp.asarray(nodes, dtype=mean.dtype), link_name)
+    return values @ weights
+
+
+def _observe(key, likelihood: str, rate, draws_noise):
+    if likelihood == "nb":
+        return dist.NegativeBinomial2(rate, draws_noise).sample(key)
+    if likelihood == "zip":
+        return dist.ZeroInflatedPoisson(draws_noise, rate).sample(key)
+    return dist.Poisson(rate).sample(key)
+
+
+def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int = DEFAULT_CELL_DRAWS,
+            seed: int = 0) -> anndata.AnnData:
+    """Predicted cells of each requested condition, with per-gene posterior expression summaries.
+
+    Parameters
+    ----------
+    run : run folder written by ``lcd-bayes fit``.
+    perturbations : ``"A+B,C"`` or a list of labels; the control label predicts control cells.
+    n_cells : cells per condition.
+    n_draws : posterior draws the cells cycle over (all draws enter the expression summaries).
+    seed : random seed; the same seed gives the same cells.
+
+    Returns
+    -------
+    AnnData (conditions x n_cells, genes): counts in ``X`` (values on the training scale for a
+    gaussian run), ``obs[perturbation_key]``, ``obs["size_factor"]``, ``obs["draw"]``;
+    ``varm["expected_mean"]``, ``varm["expected_low"]``, ``varm["expected_high"]`` (genes x
+    conditions, order in ``uns["lcd_bayes"]["conditions"]``).
+    """
+    if int(n_cells) < 1:
+        raise ValueError(f"n_cells must be a positive number of cells per condition, not {n_cells}")
+    tree, config, record = load_run(run)
+    posterior = tree["posterior"]
+    model = config.model
+    request = parse_request(perturbations, record, has_target_law="shift_mean" in posterior)
+    names = ["drift", "basal_drift", "shift", "self_decay", "stationary_sd"]
+    names += [n for n in ("shift_mean", "shift_sd", "gene_scale", "concentration", "gate", "noise_sd") if n in posterior]
+    draws = {name: jnp.asarray(_posterior_array(posterior, name)) for name in names}
+    n_samples = draws["drift"].shape[0]
+
+    key_shift, key_draws, key_cells = jax.random.split(jax.random.PRNGKey(seed), 3)
+    offsets = condition_offsets(draws, request, key_shift)
+    means = jax.vmap(stationary_means)(draws["drift"], offsets)  # (draws, conditions, genes)
+    library = (record.get("control_size_factor_log_mean", 0.0), record.get("control_size_factor_log_sd",
+                                                                            record.get("mean_size_factor_log_sd", 0.0)))
+    expected = _expected_expression(means, draws, model, library)
+    low, high = np.quantile(np.asarray(expected), [(1 - INTERVAL) / 2, (1 + INTERVAL) / 2], axis=0)
+
+    used = np.asarray(jax.random.choice(key_draws, n_samples, (min(int(n_draws), n_samples),), replace=False))
+    values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells))
+    labels = np.repeat(np.array(request.conditions), int(n_cells))
+    adata = prediction_anndata(
+        values.reshape(-1, values.shape[-1]), labels, record["genes"],
+        space="log1p_normalized" if model.likelihood == "gaussian" else "counts", method="lcd",
+        perturbation_key=record["perturbation_key"], control=record["control"], sep=record["sep"],
+        uns={"run": str(Path(run).resolve()), "conditions": list(request.conditions),
+             "new_labels": list(request.new_labels), "n_draws": int(used.size), "interval": INTERVAL, "seed": int(seed)},
+    )
+    adata.obs["size_factor"] = size_factor.reshape(-1)
+    adata.obs["draw"] = draw_index.reshape(-1)
+    adata.varm["expected_mean"] = np.asarray(expected.mean(axis=0)).T
+    adata.varm["expected_low"] = low.T
+    adata.varm["expected_high"] = high.T
+    return adata
+
+
+def _expected_expression(means, draws, model, library) -> jax.Array:
+    """``E[y_g]`` per draw and condition at the control cells' library sizes."""
+    if model.likelihood == "gaussian":
+        return means
+    mean_size_factor = math.exp(library[0] + 0.5 * library[1] ** 2)
+    sd = draws["stationary_sd"][:, None, :]
+    return mean_size_factor * draws["gene_scale"][:, None, :] * expected_link(means, jnp.broadcast_to(sd, means.shape), model.link)
+
+
+def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int):
+    """Cells per condition cycling over the ``used`` draws; returns values, size factors, draws."""
+    per_draw = -(-n_cells // used.size)  # ceil: cells each used draw contributes per condition
+    noise_name = {"nb": "concentration", "zip": "gate", "gaussian": "noise_sd"}.get(model.likelihood)
+
+    def cells_of_draw(args):
+        mean, drift, scale, noise, draw_key = args
+        law = stationary_law(drift, dt=model.dt, sigma=model.sigma, n_doublings=model.n_doublings,
+                             max_spectral_radius=model.max_spectral_radius)
+        tril = jnp.linalg.cholesky(law.covariance)
+        k_x, k_s, k_y = jax.random.split(draw_key, 3)
+        eps = jax.random.normal(k_x, (mean.shape[0], per_draw, mean.shape[1]))
+        latent = mean[:, None, :] + eps @ tril.T
+        if model.likelihood == "gaussian":
+            return latent + noise * jax.random.normal(k_y, latent.shape), jnp.ones(latent.shape[:2])
+        size_factor = jnp.exp(library[0] + library[1] * jax.random.normal(k_s, latent.shape[:2]))
+        rate = size_factor[..., None] * link(latent, model.link) * scale + 1e-6
+        return _observe(k_y, model.likelihood, rate, noise).astype(jnp.float32), size_factor
+
+    n_genes = means.shape[-1]
+    noise = draws[noise_name][used] if noise_name else jnp.zeros((used.size, n_genes))
+    scale = draws["gene_scale"][used] if "gene_scale" in draws else jnp.ones((used.size, n_genes))
+    keys = jax.random.split(key, used.size)
+    values, size_factor = jax.lax.map(
+        jax.jit(cells_of_draw), (means[used], draws["drift"][used], scale, noise, keys), batch_size=16
+    )
+    # (draws, conditions, per_draw, ...) -> (conditions, draws * per_draw, ...), the first n_cells.
+    values = jnp.moveaxis(values, 0, 1).reshape(means.shape[1], -1, n_genes)[:, :n_cells]
+    size_factor = jnp.moveaxis(size_factor, 0, 1).reshape(means.shape[1], -1)[:, :n_cells]
+    draw_index = np.broadcast_to(np.repeat(used, per_draw)[None, :n_cells], size_factor.shape)
+    return np.asarray(values), np.asarray(size_factor), np.asarray(draw_index)
