@@ -1,0 +1,164 @@
+"""Predict held-out double perturbations: LCD against the no-change, additive and linear baselines.
+
+Two settings (design section 7):
+
+* **simulated**: a 20-gene NB screen from the linear simulator, every gene perturbed once plus 10
+  doubles. Doubles are split in two folds; each fold is predicted by a model trained on control,
+  all singles and the other fold's doubles. (The linear simulator's doubles add up in the latent
+  state; through the softplus link their counts are mildly non-additive.)
+* **norman19**: the Norman et al. 2019 subset of ``perturbench_devel.h5ad``. Test set: the five
+  doubles whose singles are present (KLF1+MAP2K6, KLF1+TGFBR2, MAP2K3+MAP2K6, MAP2K3+SLC38A2,
+  MAPK1+TGFBR2); training: every other cell. The model uses the ``--genes`` most variable genes
+  and the default configuration: nothing is tuned on the test doubles.
+
+Every method predicts as many cells per condition as were observed; all are scored by
+``lcd_bayes.evaluate`` (energy distance, MMD, Pearson delta over all and top-20 DE genes, RMSE of
+means) on library-normalized log1p expression of the model's genes.
+
+Writes ``results/predict_combinations.json``, ``results/predict_combinations.png`` and, per setting
+and method, ``results/predict_combinations/<setting>_<method>/`` (metrics and mean-shift plots).
+Run: ``uv run python analyses/predict_combinations.py --data ../shared/data/perturbench_devel.h5ad``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import anndata
+import matplotlib.pyplot as plt
+import numpy as np
+
+from lcd_bayes.baselines import BASELINES, predict_baseline
+from lcd_bayes.evaluate import evaluate, write_evaluation
+from lcd_bayes.predict import predict
+from lcd_bayes.run import fit, load_run
+from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate
+from lcd_bayes.splits import combination_splits, split_anndata
+
+METRICS = ("energy_distance", "mmd", "pearson_delta_all", "pearson_delta_top_de", "rmse_mean", "rmse_mean_top_de")
+
+
+def compare(train, test, folder: Path, out: Path, *, fit_kwargs: dict, data_kwargs: dict, seed: int) -> dict:
+    """Fit LCD on ``train``, predict ``test``'s conditions with LCD and every baseline, score all."""
+    key, control = data_kwargs["perturbation_key"], data_kwargs["control"]
+    if folder.exists():
+        shutil.rmtree(folder)  # a fresh fit every time the script runs
+    start = time.perf_counter()
+    fit(train, folder, seed=seed, progress=False, **data_kwargs, **fit_kwargs)
+    fit_seconds = time.perf_counter() - start
+    genes = load_run(folder)[2]["genes"]
+    conditions = sorted(set(test.obs[key].astype(str)) - {control})
+    n_cells = int(test.obs[key].astype(str).value_counts()[conditions].max())
+    observed_kwargs = {"total_counts_key": data_kwargs.get("total_counts_key")}
+
+    predictions = {"lcd": predict(folder, conditions, n_cells=n_cells, seed=seed)}
+    for method in BASELINES:
+        predictions[method] = predict_baseline(
+            train, conditions, method=method, n_cells=n_cells, genes=genes, perturbation_key=key,
+            control=control, sep="+", seed=seed, **observed_kwargs,
+        )
+    results = {"conditions": conditions, "n_genes": len(genes), "fit_seconds": fit_seconds, "methods": {}}
+    for method, predicted in predictions.items():
+        table, aggregate = evaluate(predicted, test, perturbation_key=key, control=control, seed=seed,
+                                    **observed_kwargs)
+        write_evaluation(table, aggregate, out / method)
+        results["methods"][method] = {
+            "mean": {m: aggregate["mean"][m] for m in METRICS},
+            "per_condition": table[["condition", *METRICS]].to_dict(orient="records"),
+        }
+        print(f"  {method:10s} " + "  ".join(f"{m} {aggregate['mean'][m]:.3f}" for m in METRICS), flush=True)
+    return results
+
+
+def simulated(args, root: Path) -> dict:
+    adata = simulate(20, n_doubles=10, cells_per_condition=200, likelihood="nb", seed=args.seed)
+    splits = combination_splits(adata.obs["condition"], control="ctrl", n_folds=2, train_double_fraction=1.0,
+                                seed=args.seed)
+    folds = []
+    for split in splits:
+        print(f"simulated fold {split.fold}: test {', '.join(split.test)}", flush=True)
+        train, test = split_anndata(adata, split, control="ctrl")
+        folds.append(compare(
+            train, test, root / "runs" / f"simulated_fold{split.fold}", root / f"simulated_fold{split.fold}",
+            fit_kwargs={"steps": args.steps, "config": args.config}, seed=args.seed,
+            data_kwargs={"perturbation_key": "condition", "control": "ctrl", "size_factor_key": LIBRARY_SIZE_KEY},
+        ))
+    return {"folds": folds, "mean": _pool(folds)}
+
+
+def norman(args, root: Path) -> dict:
+    adata = anndata.read_h5ad(args.data)
+    adata = adata[adata.obs["dataset"] == "norman19"].copy()
+    (split,) = combination_splits(adata.obs["condition"], control="control", n_folds=1, train_double_fraction=1.0)
+    print(f"norman19: test {', '.join(split.test)}", flush=True)
+    train, test = split_anndata(adata, split, control="control")
+    result = compare(
+        train, test, root / "runs" / "norman19", root / "norman19",
+        fit_kwargs={"steps": args.steps, "n_top_genes": args.genes, "config": args.config}, seed=args.seed,
+        data_kwargs={"perturbation_key": "condition", "control": "control", "total_counts_key": "ncounts"},
+    )
+    return {**result, "mean": {m: r["mean"] for m, r in result["methods"].items()}}
+
+
+def _pool(folds: list[dict]) -> dict:
+    """Mean over every held-out condition of all folds, per method."""
+    pooled = {}
+    for method in folds[0]["methods"]:
+        rows = [row for fold in folds for row in fold["methods"][method]["per_condition"]]
+        with warnings.catch_warnings():  # no_change has no Pearson delta (its shift is 0): nan
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pooled[method] = {m: float(np.nanmean([row[m] for row in rows])) for m in METRICS}
+    return pooled
+
+
+def plot(results: dict, path: Path) -> None:
+    settings = list(results)
+    fig, axes = plt.subplots(len(settings), len(METRICS), figsize=(3 * len(METRICS), 2.8 * len(settings)),
+                             squeeze=False)
+    for row, setting in enumerate(settings):
+        means = results[setting]["mean"]
+        methods = list(means)
+        for col, metric in enumerate(METRICS):
+            ax = axes[row, col]
+            ax.bar(methods, [means[m][metric] for m in methods], color=["C3", "C7", "C0", "C2"][: len(methods)])
+            ax.set_title(f"{setting}: {metric}", fontsize=8)
+            ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    fig.suptitle("held-out doubles (lower is better for distances and RMSE, higher for Pearson)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args):
+    root = Path(args.out).with_suffix("")
+    results = {}
+    if not args.skip_simulated:
+        results["simulated"] = simulated(args, root)
+    if args.data:
+        results["norman19"] = norman(args, root)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": vars(args), **results}, indent=1, default=float))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="perturbench_devel.h5ad (the Norman 2019 subset is scored)")
+    parser.add_argument("--genes", type=int, default=100, help="most variable genes modelled on norman19")
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--config", default=None, help="model configuration TOML (default: models/lcd_linear.toml)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-simulated", action="store_true")
+    parser.add_argument("--out", default="results/predict_combinations.json")
+    main(parser.parse_args())
