@@ -21,6 +21,7 @@ Per-gene expected expression, ``E[y_g] = E[s] u_g E[link(x_g)]`` (Gauss-Hermite 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -203,8 +204,26 @@ def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: 
     """Cells per condition cycling over the ``used`` draws; returns values, size factors, draws."""
     per_draw = -(-n_cells // used.size)  # ceil: cells each used draw contributes per condition
     noise_name = {"nb": "concentration", "zip": "gate", "gaussian": "noise_sd"}.get(model.likelihood)
+    n_genes = means.shape[-1]
+    noise = draws[noise_name][used] if noise_name else jnp.zeros((used.size, n_genes))
+    scale = draws["gene_scale"][used] if "gene_scale" in draws else jnp.ones((used.size, n_genes))
+    values, size_factor = _cells_of_draws(
+        jax.random.split(key, used.size), means[used], draws["drift"][used], scale, noise,
+        jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
+    )
+    # (draws, conditions, per_draw, ...) -> (conditions, draws * per_draw, ...), the first n_cells.
+    values = jnp.moveaxis(values, 0, 1).reshape(means.shape[1], -1, n_genes)[:, :n_cells]
+    size_factor = jnp.moveaxis(size_factor, 0, 1).reshape(means.shape[1], -1)[:, :n_cells]
+    draw_index = np.broadcast_to(np.repeat(used, per_draw)[None, :n_cells], size_factor.shape)
+    return np.asarray(values), np.asarray(size_factor), np.asarray(draw_index)
 
-    def cells_of_draw(args):
+
+@functools.partial(jax.jit, static_argnames=("model", "per_draw"))
+def _cells_of_draws(keys, means, drifts, scales, noises, library, *, model, per_draw: int):
+    """``per_draw`` cells per condition for each draw: latent states from the draw's stationary
+    law, library sizes like the control's, counts from the likelihood. Jitted once per shape."""
+
+    def one_draw(args):
         mean, drift, scale, noise, draw_key = args
         law = stationary_law(drift, dt=model.dt, sigma=model.sigma, n_doublings=model.n_doublings,
                              max_spectral_radius=model.max_spectral_radius)
@@ -218,15 +237,4 @@ def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: 
         rate = size_factor[..., None] * link(latent, model.link) * scale + 1e-6
         return _observe(k_y, model.likelihood, rate, noise).astype(jnp.float32), size_factor
 
-    n_genes = means.shape[-1]
-    noise = draws[noise_name][used] if noise_name else jnp.zeros((used.size, n_genes))
-    scale = draws["gene_scale"][used] if "gene_scale" in draws else jnp.ones((used.size, n_genes))
-    keys = jax.random.split(key, used.size)
-    values, size_factor = jax.lax.map(
-        jax.jit(cells_of_draw), (means[used], draws["drift"][used], scale, noise, keys), batch_size=16
-    )
-    # (draws, conditions, per_draw, ...) -> (conditions, draws * per_draw, ...), the first n_cells.
-    values = jnp.moveaxis(values, 0, 1).reshape(means.shape[1], -1, n_genes)[:, :n_cells]
-    size_factor = jnp.moveaxis(size_factor, 0, 1).reshape(means.shape[1], -1)[:, :n_cells]
-    draw_index = np.broadcast_to(np.repeat(used, per_draw)[None, :n_cells], size_factor.shape)
-    return np.asarray(values), np.asarray(size_factor), np.asarray(draw_index)
+    return jax.lax.map(one_draw, (means, drifts, scales, noises, keys), batch_size=16)
