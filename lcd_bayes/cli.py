@@ -115,13 +115,17 @@ def _add_clipr(sub):
                    help="effect size that counts as an edge (default: 0.1 x the median self-decay)")
     p.add_argument("--hdi-prob", type=float, default=0.9, help="mass of the credible intervals (default: 0.9)")
     p.add_argument("--top", type=int, default=10, help="edges to print (default: 10)")
+    p.add_argument("--no-synthetic", action="store_true",
+                   help="use only the trained single perturbations as responses (no one-unit probes on "
+                        "genes no perturbation targets)")
     p.set_defaults(func=_clipr)
 
 
 def _clipr(args):
     from .clipr import clipr_run, format_edges
 
-    _, table = clipr_run(args.run, ridge=args.ridge, tau=args.tau, hdi_prob=args.hdi_prob)
+    _, table = clipr_run(args.run, ridge=args.ridge, tau=args.tau, hdi_prob=args.hdi_prob,
+                         synthetic=not args.no_synthetic)
     print(format_edges(table, args.top))
     print(f"wrote {Path(args.run) / 'clipr.nc'} and {Path(args.run) / 'edges.csv'} ({len(table)} gene pairs)")
 

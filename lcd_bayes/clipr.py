@@ -240,9 +240,37 @@ def single_perturbations(tree: xr.DataTree) -> list[str]:
     return [str(p) for p, seen in zip(design["perturbation"].values, singles) if seen]
 
 
+def untargeted_genes(tree: xr.DataTree, labels: list[str]) -> list[str]:
+    """Modelled genes that none of ``labels`` targets (by the run's stored on-target mask)."""
+    genes = [str(g) for g in tree["posterior"]["gene"].values]
+    if "constant_data" not in tree.children or "targets" not in tree["constant_data"] or not labels:
+        return genes if not labels else []
+    targets = tree["constant_data"]["targets"].sel(perturbation=labels).transpose("perturbation", "gene")
+    hit = targets.values.any(axis=0)
+    return [g for g, h in zip(targets["gene"].values, hit) if not h]
+
+
+def synthetic_shifts(self_decay: np.ndarray, genes: list[str], untargeted: list[str]) -> np.ndarray:
+    """A shift of one latent unit, ``D_g e_g``, on each untargeted gene ``g``, per draw.
+
+    The fitted drift is a causal model: it can be intervened on any modelled gene, perturbed in
+    training or not. Without these, responses to fewer perturbations than genes leave directions
+    of ``L`` empty and the ridge answers there with ``A_hat ~ 0`` (the minimum-norm solution).
+    One latent unit (``D_g`` in drift units) keeps the probe within the range the fit has seen.
+
+    Returns
+    -------
+    np.ndarray, shape (draws, len(untargeted), genes)
+    """
+    index = [genes.index(g) for g in untargeted]
+    shifts = np.zeros((self_decay.shape[0], len(index), len(genes)), np.float32)
+    shifts[:, np.arange(len(index)), index] = self_decay[:, index]
+    return shifts
+
+
 def posterior_effects(tree: xr.DataTree, *, ridge: float = DEFAULT_RIDGE, chunk_size: int = 16,
                       drift_fn: DriftFn = linear_drift, param_names: tuple[str, ...] = LINEAR_PARAMS,
-                      perturbations: list[str] | None = None) -> xr.Dataset:
+                      perturbations: list[str] | None = None, synthetic: bool = True) -> xr.Dataset:
     """CLIPR applied to every posterior draw.
 
     Parameters
@@ -259,6 +287,10 @@ def posterior_effects(tree: xr.DataTree, *, ridge: float = DEFAULT_RIDGE, chunk_
         default).
     perturbations : list of str, optional
         Labels used as responses; by default those seen alone in training.
+    synthetic : bool
+        Add a synthetic one-latent-unit shift on every gene no used label targets
+        (``synthetic_shifts``), so the responses span the genes even when fewer genes were
+        perturbed than modelled. With ``False``, CLIPR uses the trained perturbations only.
 
     Returns
     -------
@@ -276,8 +308,12 @@ def posterior_effects(tree: xr.DataTree, *, ridge: float = DEFAULT_RIDGE, chunk_
 
     params = {name: flat(posterior[name]) for name in param_names}
     shifts = flat(posterior["shift"].sel(perturbation=labels).transpose(..., "perturbation", "gene"))
-    result = _clipr_draws(params, shifts, jnp.float32(ridge), drift_fn=drift_fn, chunk_size=chunk_size)
     genes = [str(g) for g in posterior["gene"].values]
+    probes = untargeted_genes(tree, labels) if synthetic else []
+    if probes:
+        self_decay = flat(posterior["self_decay"]) if "self_decay" in posterior else np.ones((len(shifts), len(genes)))
+        shifts = np.concatenate([shifts, synthetic_shifts(self_decay, genes, probes)], axis=1)
+    result = _clipr_draws(params, shifts, jnp.float32(ridge), drift_fn=drift_fn, chunk_size=chunk_size)
     n_genes = len(genes)
     residual = np.asarray(result.residual)
     scale = np.abs(shifts).max(initial=0.0) + np.abs(params.get("basal_drift", np.zeros(1))).max() + 1.0
@@ -294,7 +330,7 @@ def posterior_effects(tree: xr.DataTree, *, ridge: float = DEFAULT_RIDGE, chunk_
             "self_decay": (("chain", "draw", "gene"), np.asarray(result.self_decay).reshape(n_chains, n_draws, n_genes)),
         },
         coords={**sample_coords, "source": genes, "target": genes, "gene": genes},
-        attrs={"method": "CLIPR", "ridge": float(ridge), "responses": json.dumps(["control", *labels]),
+        attrs={"method": "CLIPR", "ridge": float(ridge), "responses": json.dumps(["control", *labels, *(f"synthetic:{g}" for g in probes)]),
                "max_limit_residual": float(residual.max(initial=0.0))},
     )
 
@@ -388,12 +424,13 @@ def summary_to_table(summary: xr.Dataset) -> pd.DataFrame:
 
 
 def clipr_run(folder: str | Path, *, ridge: float | None = None, tau: float | None = None,
-              hdi_prob: float = 0.9, chunk_size: int = 16) -> tuple[xr.DataTree, pd.DataFrame]:
+              hdi_prob: float = 0.9, chunk_size: int = 16, synthetic: bool = True) -> tuple[xr.DataTree, pd.DataFrame]:
     """CLIPR on a run folder's posterior; writes ``RUN/clipr.nc`` and ``RUN/edges.csv``.
 
     ``clipr.nc`` is a DataTree with ``posterior`` (the ``effect`` and ``self_decay`` draws, dims
     (chain, draw, ...)) and ``edges`` (the (source, target) summary of ``edge_summary``).
-    ``ridge`` defaults to ``DEFAULT_RIDGE``, ``tau`` to ``default_tau``.
+    ``ridge`` defaults to ``DEFAULT_RIDGE``, ``tau`` to ``default_tau``; ``synthetic`` adds
+    one-unit probes on untargeted genes (see ``posterior_effects``).
 
     Returns
     -------
@@ -405,7 +442,7 @@ def clipr_run(folder: str | Path, *, ridge: float | None = None, tau: float | No
     tree, _config, _record = load_run(folder)
     # A nonlinear drift plugs in here: its drift_fn and posterior variable names from the config.
     ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
-    effects = posterior_effects(tree, ridge=ridge, chunk_size=chunk_size)
+    effects = posterior_effects(tree, ridge=ridge, chunk_size=chunk_size, synthetic=synthetic)
     summary = edge_summary(effects, tau=tau, hdi_prob=hdi_prob)
     summary.attrs["ridge"] = ridge
     result = xr.DataTree.from_dict({"posterior": effects, "edges": summary})
