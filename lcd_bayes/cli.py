@@ -27,6 +27,8 @@ def _add_simulate(sub):
     p.add_argument("--cells-per-perturbation", type=int, default=200, help="cells per condition (and control)")
     p.add_argument("--likelihood", choices=("nb", "poisson", "gaussian"), default="nb")
     p.add_argument("--expected-degree", type=float, default=10.0)
+    p.add_argument("--drift", choices=("linear", "nonlinear"), default="linear",
+                   help="latent drift family: nonlinear saturates regulation, so doubles do not add up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .h5ad")
     p.set_defaults(func=_simulate)
@@ -38,7 +40,7 @@ def _simulate(args):
     adata = simulate(
         args.genes, n_perturbed=args.perturbations, n_doubles=args.doubles,
         cells_per_condition=args.cells_per_perturbation, likelihood=args.likelihood,
-        expected_degree=args.expected_degree, seed=args.seed,
+        expected_degree=args.expected_degree, drift=args.drift, seed=args.seed,
     )
     adata.write_h5ad(args.out)
     print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "

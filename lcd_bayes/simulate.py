@@ -16,6 +16,10 @@ The protocol follows the synthetic linear systems of the Latent Causal
 Diffusions paper: an Erdős–Rényi graph, signed weights of magnitude
 ``U[1, 3]``, a diagonal shift that makes the drift stable, and on-target shift
 interventions of magnitude ``U[5, 15]``.
+
+``simulate(..., drift="nonlinear")`` draws the latent states from the contracting nonlinear
+diffusion of :mod:`lcd_bayes.simulate_nonlinear` instead (saturating regulation, so double
+perturbations interact), with the same graph protocol, design and observation models.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ __all__ = [
     "LIBRARY_SIZE_KEY",
     "LIKELIHOODS",
     "SHIFT_SIGNS",
+    "DRIFTS",
     "LinearSystem",
     "random_linear_system",
     "stationary_moments",
@@ -46,6 +51,14 @@ CONTROL_LABEL = "ctrl"
 LIBRARY_SIZE_KEY = "size_factor"
 LIKELIHOODS = ("nb", "poisson", "gaussian")
 SHIFT_SIGNS = ("random", "positive", "negative")
+DRIFTS = ("linear", "nonlinear")
+# Default on-target shift magnitudes per drift family. The nonlinear family's decay is
+# rho(|W|) + margin (about 11 at the default graph, twice the linear protocol's) and each
+# edge passes on only ~|W_kj| / decay of a regulator's move, so a target saturates only
+# when its regulator moves by several units: shifts U[50, 100] move the perturbed gene by
+# about 4.5-9 latent units (their targets by up to ~2) and push common targets of a double
+# through their saturation range. Scale it with rho(|W|) + margin for other graphs.
+DEFAULT_SHIFT_RANGE = {"linear": (5.0, 15.0), "nonlinear": (50.0, 100.0)}
 TRUTH_KEY = "lcd_truth"
 SIMULATION_KEY = "lcd_simulation"
 
@@ -150,6 +163,22 @@ def _resolve_n_perturbed(n_perturbed: Any, n_genes: int) -> int:
 # ---------------------------------------------------------------------------
 
 
+def random_graph_weights(d: int, expected_degree: float, weight_range: tuple[float, float],
+                         rng: np.random.Generator) -> np.ndarray:
+    """Erdős–Rényi signed weights, ``weights[k, j]``: effect of gene j on gene k (zero diagonal).
+
+    Full matrices are drawn in a fixed order, so the graph depends only on the generator's state
+    (the linear and nonlinear simulators share a graph for a given seed).
+    """
+    # Each gene has 2 (d - 1) potential in/out edges, hence this probability.
+    p_edge = min(1.0, expected_degree / (2.0 * (d - 1)))
+    mask = rng.random((d, d)) < p_edge
+    np.fill_diagonal(mask, False)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(d, d))
+    magnitudes = rng.uniform(weight_range[0], weight_range[1], size=(d, d))
+    return np.where(mask, signs * magnitudes, 0.0)
+
+
 def random_linear_system(
     n_genes: int,
     *,
@@ -194,14 +223,7 @@ def random_linear_system(
     sigma = _as_float("sigma", sigma, positive=True)
     rng = np.random.default_rng(rng)
 
-    # Each gene has 2 (d - 1) potential in/out edges, hence this probability.
-    p_edge = min(1.0, expected_degree / (2.0 * (d - 1)))
-    # Draw full matrices in a fixed order so the result depends only on the seed.
-    mask = rng.random((d, d)) < p_edge
-    np.fill_diagonal(mask, False)
-    signs = rng.choice(np.array([-1.0, 1.0]), size=(d, d))
-    magnitudes = rng.uniform(low, high, size=(d, d))
-    weights = np.where(mask, signs * magnitudes, 0.0)  # weights[k, j]: effect of j on k
+    weights = random_graph_weights(d, expected_degree, (low, high), rng)
     control_mean = rng.normal(0.0, control_mean_sd, size=d)
 
     # A zero-diagonal W has trace 0, so its largest real eigenvalue part is >= 0
@@ -366,6 +388,77 @@ def _observe_counts(
 # ---------------------------------------------------------------------------
 
 
+def _nonlinear_latent(
+    n_genes: int,
+    perturbations: list[str],
+    conditions: list[str],
+    saturation: float,
+    condition_shift: np.ndarray,
+    condition_index: np.ndarray,
+    rng_system: np.random.Generator,
+    rng_cells: np.random.Generator,
+    **system_kwargs: Any,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Latent cells and truth of the nonlinear family (:mod:`lcd_bayes.simulate_nonlinear`).
+
+    ``conditions`` and ``condition_shift`` are ctrl, the singles (``perturbations``), then
+    the doubles ``"A+B"``, as made by :func:`_draw_design`.
+    """
+    from . import simulate_nonlinear as nl
+
+    system_kwargs["expected_degree"] = _as_float("expected_degree", system_kwargs["expected_degree"])
+    system_kwargs["weight_range"] = _as_range("weight_range", system_kwargs["weight_range"])
+    system_kwargs["margin"] = _as_float("margin", system_kwargs["margin"], positive=True)
+    system_kwargs["control_mean_sd"] = _as_float("control_mean_sd", system_kwargs["control_mean_sd"])
+    system_kwargs["sigma"] = _as_float("sigma", system_kwargs["sigma"], positive=True)
+    system = nl.random_nonlinear_system(
+        n_genes, saturation=saturation, rng=rng_system, **system_kwargs
+    )
+    fixed_points = nl.fixed_point(system, condition_shift)
+    latent, info = nl.stationary_cells(
+        system, condition_shift, condition_index, rng_cells, fixed_points=fixed_points
+    )
+    n_conditions = condition_shift.shape[0]
+    counts = np.bincount(condition_index, minlength=n_conditions)
+    condition_mean = np.zeros((n_conditions, n_genes))
+    np.add.at(condition_mean, condition_index, latent)
+    condition_mean /= counts[:, None]
+    control = latent[condition_index == 0]
+
+    # Linearised effects: the Jacobian at the control fixed point, as a linear LCD sees them.
+    jacobian = nl.jacobian(system, fixed_points[0])
+    effect = jacobian.T.copy()
+    np.fill_diagonal(effect, 0.0)
+    # Nonadditivity of each double: x*(AB) - (x*(A) + x*(B) - x*(ctrl)).
+    row = {label: q for q, label in enumerate(conditions)}
+    response = fixed_points - fixed_points[0]
+    doubles = conditions[1 + len(perturbations) :]
+    nonadditivity = np.array(
+        [response[row[label]] - sum(response[row[part]] for part in label.split("+"))
+         for label in doubles]
+    ).reshape(len(doubles), n_genes)
+    truth: dict[str, Any] = {
+        "drift": jacobian,
+        "effect": effect,
+        "basal_drift": system.basal_drift,
+        "decay": system.decay,
+        "sigma": float(system.sigma),
+        "control_mean": condition_mean[0],
+        "covariance": np.cov(control, rowvar=False),
+        "condition_mean": condition_mean,
+        "drift_family": "nonlinear",
+        "weights": system.weights,
+        "structural_effect": system.structural_effect,
+        "input_offset": system.input_offset,
+        "saturation": float(system.saturation),
+        "fixed_point": fixed_points,
+        "nonadditivity": nonadditivity,
+        "euler_dt": info["dt"],
+        "euler_steps": int(info["n_steps"]),
+    }
+    return latent, truth
+
+
 def simulate(
     n_genes: int = 20,
     *,
@@ -374,7 +467,7 @@ def simulate(
     cells_per_condition: int = 200,
     expected_degree: float = 10.0,
     weight_range: tuple[float, float] = (1.0, 3.0),
-    shift_range: tuple[float, float] = (5.0, 15.0),
+    shift_range: tuple[float, float] | None = None,
     shift_sign: str = "random",
     margin: float = 1.0,
     likelihood: str = "nb",
@@ -384,8 +477,10 @@ def simulate(
     control_mean_sd: float = 0.5,
     sigma: float = 1.0,
     seed: int | None = 0,
+    drift: str = "linear",
+    saturation: float = 1.0,
 ) -> anndata.AnnData:
-    """Simulate a perturbation screen from a random linear latent causal diffusion.
+    """Simulate a perturbation screen from a random latent causal diffusion.
 
     Parameters
     ----------
@@ -401,9 +496,13 @@ def simulate(
     cells_per_condition : int
         Cells for the control and every single and double condition (>= 2).
     expected_degree, weight_range, margin, control_mean_sd, sigma
-        Passed to :func:`random_linear_system`.
-    shift_range : (float, float)
-        Range of on-target shift magnitudes.
+        Passed to :func:`random_linear_system` (or, for ``drift="nonlinear"``, to
+        :func:`lcd_bayes.simulate_nonlinear.random_nonlinear_system`, where ``margin`` is the
+        guaranteed contraction rate and ``control_mean_sd`` sets the control fixed point).
+    shift_range : (float, float), optional
+        Range of on-target shift magnitudes; default ``(5, 15)`` for the linear drift and
+        ``(50, 100)`` for the nonlinear one (``DEFAULT_SHIFT_RANGE``, whose comment explains
+        the choice). The recorded arguments hold the range used.
     shift_sign : {"random", "positive", "negative"}
         Sign of the on-target shifts.
     likelihood : {"nb", "poisson", "gaussian"}
@@ -418,6 +517,15 @@ def simulate(
         Log-scale sd of the per-cell size factors of count likelihoods.
     seed : int or None
         Seed of all randomness; None draws one, which is recorded.
+    drift : {"linear", "nonlinear"}
+        Latent dynamics. "linear" (default): exact stationary draws of the linear diffusion.
+        "nonlinear": ``f(x; c) = -decay x + phi(W x + h) + b + c`` with saturating
+        regulation ``phi`` (:mod:`lcd_bayes.simulate_nonlinear`), a unique stable fixed point
+        for every condition, cells by Euler–Maruyama; double perturbations are not additive.
+    saturation : float
+        Saturation scale of the nonlinear regulation in latent units (``drift="nonlinear"``
+        only; default 1): regulation moves a gene by at most this from its midpoint, and
+        saturates once its summed input moves by about ``saturation * decay``.
 
     Returns
     -------
@@ -426,6 +534,9 @@ def simulate(
         ``obs["size_factor"]`` for count likelihoods, ``uns["lcd_truth"]``
         (read it with :func:`truth_from_uns`) and ``uns["lcd_simulation"]``
         (the arguments; ``simulate(**uns["lcd_simulation"])`` reproduces the run).
+        For ``drift="nonlinear"`` the truth's ``drift`` is the Jacobian of the drift at the
+        control fixed point and ``effect`` its transpose with zero diagonal (the linearised
+        causal effects); see :func:`truth_from_uns` for the extra keys.
     """
     d = _as_int("n_genes", n_genes, 2)
     n_single = _resolve_n_perturbed(n_perturbed, d)
@@ -437,6 +548,12 @@ def simulate(
             f"{n_single} perturbed genes; pass n_doubles <= {max_doubles} or perturb more genes"
         )
     n_cells = _as_int("cells_per_condition", cells_per_condition, 2)
+    if drift not in DRIFTS:
+        raise ValueError(f"drift must be one of {DRIFTS}; got {drift!r}")
+    if drift == "nonlinear":
+        saturation = _as_float("saturation", saturation, positive=True)
+    if shift_range is None:
+        shift_range = DEFAULT_SHIFT_RANGE[drift]
     shift_range = _as_range("shift_range", shift_range)
     weight_range = _as_range("weight_range", weight_range)
     if likelihood not in LIKELIHOODS:
@@ -454,45 +571,63 @@ def simulate(
     # Independent streams per stage: changing the design or the likelihood
     # leaves the graph (and, where possible, the latent draws) unchanged.
     rng_system, rng_design, rng_cells, rng_obs = np.random.default_rng(seed).spawn(4)
-    system = random_linear_system(
-        d,
-        expected_degree=expected_degree,
-        weight_range=weight_range,
-        margin=margin,
-        control_mean_sd=control_mean_sd,
-        sigma=sigma,
-        rng=rng_system,
-    )
     gene_names = [f"G{g}" for g in range(d)]
-    perturbations, shift, conditions, condition_shift = _draw_design(
-        gene_names, n_single, n_doubles, shift_range, shift_sign, rng_design
-    )
-    condition_mean, covariance = stationary_moments(system, condition_shift)
+    if drift == "nonlinear":
+        perturbations, shift, conditions, condition_shift = _draw_design(
+            gene_names, n_single, n_doubles, shift_range, shift_sign, rng_design
+        )
+        condition_index = np.repeat(np.arange(len(conditions)), n_cells)
+        latent, truth = _nonlinear_latent(
+            d, perturbations, conditions, saturation, condition_shift, condition_index,
+            rng_system, rng_cells,
+            expected_degree=expected_degree, weight_range=weight_range, margin=margin,
+            control_mean_sd=control_mean_sd, sigma=sigma,
+        )
+        truth.update(
+            perturbations=perturbations,
+            shift=shift,
+            targets={label: [label] for label in perturbations},
+            conditions=conditions,
+        )
+    else:
+        system = random_linear_system(
+            d,
+            expected_degree=expected_degree,
+            weight_range=weight_range,
+            margin=margin,
+            control_mean_sd=control_mean_sd,
+            sigma=sigma,
+            rng=rng_system,
+        )
+        perturbations, shift, conditions, condition_shift = _draw_design(
+            gene_names, n_single, n_doubles, shift_range, shift_sign, rng_design
+        )
+        condition_mean, covariance = stationary_moments(system, condition_shift)
 
-    # Exact stationary draws, cells grouped by condition (control first).
-    condition_index = np.repeat(np.arange(len(conditions)), n_cells)
-    noise = rng_cells.standard_normal((condition_index.size, d))
-    latent = condition_mean[condition_index] + noise @ _covariance_factor(covariance).T
+        # Exact stationary draws, cells grouped by condition (control first).
+        condition_index = np.repeat(np.arange(len(conditions)), n_cells)
+        noise = rng_cells.standard_normal((condition_index.size, d))
+        latent = condition_mean[condition_index] + noise @ _covariance_factor(covariance).T
+        truth = {
+            "drift": system.drift,
+            "effect": system.effect,
+            "basal_drift": system.basal_drift,
+            "decay": -np.diag(system.drift),
+            "sigma": float(system.sigma),
+            "control_mean": condition_mean[0],
+            "covariance": covariance,
+            "perturbations": perturbations,
+            "shift": shift,
+            "targets": {label: [label] for label in perturbations},
+            "conditions": conditions,
+            "condition_mean": condition_mean,
+        }
 
     obs = pd.DataFrame(
         {"condition": pd.Categorical.from_codes(condition_index, categories=conditions)},
         index=[f"cell{i}" for i in range(condition_index.size)],
     )
     var = pd.DataFrame(index=gene_names)
-    truth: dict[str, Any] = {
-        "drift": system.drift,
-        "effect": system.effect,
-        "basal_drift": system.basal_drift,
-        "decay": -np.diag(system.drift),
-        "sigma": float(system.sigma),
-        "control_mean": condition_mean[0],
-        "covariance": covariance,
-        "perturbations": perturbations,
-        "shift": shift,
-        "targets": {label: [label] for label in perturbations},
-        "conditions": conditions,
-        "condition_mean": condition_mean,
-    }
     layers = {}
     if likelihood == "gaussian":
         X = latent + noise_sd * rng_obs.standard_normal(latent.shape)
@@ -523,6 +658,9 @@ def simulate(
         "sigma": float(sigma),
         "seed": seed,
     }
+    if drift == "nonlinear":
+        # Recorded only for the nonlinear family, so linear runs record what they always did.
+        arguments.update(drift=drift, saturation=saturation)
     # h5ad cannot store None; omitting it makes simulate(**arguments) use the default.
     arguments = {key: value for key, value in arguments.items() if value is not None}
 
@@ -577,6 +715,18 @@ def truth_from_uns(adata: anndata.AnnData) -> dict[str, Any]:
         of str (``perturbations``, ``conditions``), ``targets`` as a dict label
         -> list of gene names, and ``sigma`` as a float.
 
+        Data made with ``drift="nonlinear"`` also have ``drift_family``
+        (``"nonlinear"``; absent for linear data), ``weights`` (d, d; the structural
+        ``W``, ``W[k, j]`` the effect of ``j`` on ``k``), ``structural_effect`` (d, d;
+        ``W.T`` with zero diagonal, source x target), ``input_offset`` (d,),
+        ``saturation``, ``fixed_point`` (Q, d; the deterministic fixed point of each
+        condition), ``nonadditivity`` (D, d; for the D doubles, in the order of the
+        doubles in ``conditions``: ``x*(AB) - x*(A) - x*(B) + x*(ctrl)``), ``euler_dt`` and
+        ``euler_steps``. There ``drift`` is the Jacobian of the drift at the control fixed
+        point, ``effect`` its transpose with zero diagonal (what a linear LCD fitted to the
+        data estimates), ``condition_mean`` / ``control_mean`` / ``covariance`` are
+        Monte-Carlo moments of the simulated latent cells.
+
     Raises
     ------
     ValueError
@@ -591,7 +741,8 @@ def truth_from_uns(adata: anndata.AnnData) -> dict[str, Any]:
     for key in _LABEL_KEYS:
         if key in truth and not isinstance(truth[key], list):
             truth[key] = [str(truth[key])]
-    if "shift" in truth:
-        d = np.asarray(truth["drift"]).shape[0]
-        truth["shift"] = np.asarray(truth["shift"], dtype=float).reshape(-1, d)
+    d = np.asarray(truth["drift"]).shape[0] if "drift" in truth else None
+    for key in ("shift", "nonadditivity", "fixed_point"):
+        if key in truth and d is not None:
+            truth[key] = np.asarray(truth[key], dtype=float).reshape(-1, d)
     return truth
