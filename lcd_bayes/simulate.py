@@ -89,9 +89,14 @@ class LinearSystem(NamedTuple):
     @property
     def effect(self) -> np.ndarray:
         """Causal effect matrix, shape (source, target): ``A.T`` with zero diagonal."""
-        effect = np.array(self.drift, dtype=float).T.copy()
-        np.fill_diagonal(effect, 0.0)
-        return effect
+        return effect_matrix(self.drift)
+
+
+def effect_matrix(matrix: np.ndarray) -> np.ndarray:
+    """``(target, source)`` matrix -> ``(source, target)`` effects with a zero diagonal."""
+    effect = np.array(matrix, dtype=float).T.copy()
+    np.fill_diagonal(effect, 0.0)
+    return effect
 
 
 # ---------------------------------------------------------------------------
@@ -427,8 +432,7 @@ def _nonlinear_latent(
 
     # Linearised effects: the Jacobian at the control fixed point, as a linear LCD sees them.
     jacobian = nl.jacobian(system, fixed_points[0])
-    effect = jacobian.T.copy()
-    np.fill_diagonal(effect, 0.0)
+    effect = effect_matrix(jacobian)
     # Nonadditivity of each double: x*(AB) - (x*(A) + x*(B) - x*(ctrl)).
     row = {label: q for q, label in enumerate(conditions)}
     response = fixed_points - fixed_points[0]

@@ -67,7 +67,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.linalg import solve_continuous_lyapunov
 
-from .simulate import random_graph_weights
+from .simulate import effect_matrix, random_graph_weights
 
 __all__ = [
     "NonlinearSystem",
@@ -119,9 +119,7 @@ class NonlinearSystem(NamedTuple):
     @property
     def structural_effect(self) -> np.ndarray:
         """Structural effects, shape (source, target): ``W.T`` with zero diagonal."""
-        effect = np.array(self.weights, dtype=float).T.copy()
-        np.fill_diagonal(effect, 0.0)
-        return effect
+        return effect_matrix(self.weights)
 
     @property
     def output_scale(self) -> np.ndarray:
