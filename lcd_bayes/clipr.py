@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .posterior import load_datatree, save_datatree
+from .posterior import load_datatree, save_datatree, stacked_draws
 from .run import load_run
 
 DriftFn = Callable[[object, jax.Array, jax.Array], jax.Array]
@@ -302,16 +302,12 @@ def posterior_effects(tree: xr.DataTree, *, ridge: float = DEFAULT_RIDGE, chunk_
     labels = single_perturbations(tree) if perturbations is None else list(perturbations)
     n_chains, n_draws = posterior.sizes["chain"], posterior.sizes["draw"]
 
-    def flat(array: xr.DataArray) -> np.ndarray:  # (chain, draw, ...) -> (chain * draw, ...)
-        array = array.transpose("chain", "draw", ...)
-        return np.asarray(array.values, np.float32).reshape(n_chains * n_draws, *array.shape[2:])
-
-    params = {name: flat(posterior[name]) for name in param_names}
-    shifts = flat(posterior["shift"].sel(perturbation=labels).transpose(..., "perturbation", "gene"))
+    params = {name: stacked_draws(posterior[name]) for name in param_names}
+    shifts = stacked_draws(posterior["shift"].sel(perturbation=labels).transpose(..., "perturbation", "gene"))
     genes = [str(g) for g in posterior["gene"].values]
     probes = untargeted_genes(tree, labels) if synthetic else []
     if probes:
-        self_decay = flat(posterior["self_decay"]) if "self_decay" in posterior else np.ones((len(shifts), len(genes)))
+        self_decay = stacked_draws(posterior["self_decay"]) if "self_decay" in posterior else np.ones((len(shifts), len(genes)))
         shifts = np.concatenate([shifts, synthetic_shifts(self_decay, genes, probes)], axis=1)
     result = _clipr_draws(params, shifts, jnp.float32(ridge), drift_fn=drift_fn, chunk_size=chunk_size)
     n_genes = len(genes)

@@ -109,6 +109,13 @@ def to_datatree(draws: dict[str, np.ndarray], coords: Coords, *, losses: np.ndar
     return xr.DataTree.from_dict(groups)
 
 
+def stacked_draws(array: xr.DataArray) -> np.ndarray:
+    """Posterior draws ``(chain, draw, ...)`` stacked to ``(chain * draw, ...)``, float32, for the
+    vmapped computations on draws (CLIPR, prediction)."""
+    array = array.transpose("chain", "draw", ...)
+    return np.asarray(array.values, np.float32).reshape(-1, *array.shape[2:])
+
+
 def save_datatree(tree: xr.DataTree, path) -> None:
     tree.to_netcdf(path, engine="h5netcdf")
 

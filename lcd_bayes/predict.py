@@ -33,8 +33,9 @@ import numpy as np
 import numpyro.distributions as dist
 
 from .data import DataError
-from .expression import label_parts, prediction_anndata
+from .expression import canonical_label, label_parts, prediction_anndata
 from .model import link
+from .posterior import stacked_draws
 from .run import load_run
 from .stationary import stationary_law, stationary_means
 
@@ -69,8 +70,7 @@ def parse_request(perturbations, record: dict, *, has_target_law: bool) -> Reque
     genes = list(record["genes"])
     conditions, parts_of = [], []
     for label in requested:
-        parts = label_parts(label, control, sep)
-        canonical = sep.join(parts) if parts else control
+        parts, canonical = label_parts(label, control, sep), canonical_label(label, control, sep)
         if canonical not in conditions:
             conditions.append(canonical)
             parts_of.append(parts)
@@ -100,12 +100,6 @@ def parse_request(perturbations, record: dict, *, has_target_law: bool) -> Reque
                           dtype=np.float32).reshape(len(conditions), len(new_labels))
     new_targets = np.array([[g == p for g in genes] for p in new_labels], dtype=np.float32).reshape(len(new_labels), len(genes))
     return Request(tuple(conditions), design, new_design, new_targets, tuple(new_labels))
-
-
-def _posterior_array(posterior, name: str) -> np.ndarray:
-    """Stack ``(chain, draw, ...)`` into ``(sample, ...)``."""
-    value = posterior[name].values
-    return value.reshape((-1,) + value.shape[2:])
 
 
 def condition_offsets(draws: dict, request: Request, key: jax.Array) -> jax.Array:
@@ -162,7 +156,7 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
     request = parse_request(perturbations, record, has_target_law="shift_mean" in posterior)
     names = ["drift", "basal_drift", "shift", "self_decay", "stationary_sd"]
     names += [n for n in ("shift_mean", "shift_sd", "gene_scale", "concentration", "gate", "noise_sd") if n in posterior]
-    draws = {name: jnp.asarray(_posterior_array(posterior, name)) for name in names}
+    draws = {name: jnp.asarray(stacked_draws(posterior[name])) for name in names}
     n_samples = draws["drift"].shape[0]
 
     key_shift, key_draws, key_cells = jax.random.split(jax.random.PRNGKey(seed), 3)
