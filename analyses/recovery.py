@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from lcd_bayes.clipr import clipr_run
+from lcd_bayes.config import load_config
 from lcd_bayes.metrics import edge_recovery, off_diagonal
 from lcd_bayes.run import fit
 from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
@@ -92,10 +93,11 @@ def main(args):
                 start = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
                     folder = Path(tmp) / "run"
-                    run = fit(adata, folder, likelihood=likelihood, seed=args.seed,
+                    config = load_config(args.config).replace(fit={"guide": args.guide})
+                    run = fit(adata, folder, config=config, likelihood=likelihood, seed=args.seed,
                               size_factor_key=LIBRARY_SIZE_KEY, progress=False)
                     row = {"genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
-                           "seed": args.seed, "steps": int(run.fit.losses.size), **score(folder, truth),
+                           "seed": args.seed, "guide": config.fit.resolved_guide(genes), "steps": int(run.fit.losses.size), **score(folder, truth),
                            "seconds": time.perf_counter() - start}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -113,5 +115,7 @@ if __name__ == "__main__":
     parser.add_argument("--likelihoods", nargs="+", default=["gaussian", "nb"])
     parser.add_argument("--cells", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=None, help="model TOML (default: models/lcd_linear.toml)")
+    parser.add_argument("--guide", default=None, help="override [fit] guide: mean_field | low_rank | row_block")
     parser.add_argument("--out", default="results/recovery.json")
     main(parser.parse_args())

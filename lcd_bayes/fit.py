@@ -17,12 +17,12 @@ import numpy as np
 import optax
 from numpyro.handlers import block
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoGuideList, AutoLowRankMultivariateNormal, AutoNormal
-from numpyro.infer.initialization import init_to_median
+from numpyro.infer.autoguide import AutoGuideList
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
 from .config import RunConfig
+from .guides import global_variational_family
 from .model import CellBatch, Structure, lcd_model, local_guide
 
 
@@ -51,15 +51,10 @@ def build_inference(structure: Structure, config: RunConfig) -> Inference:
     fit = config.fit
     batch_size = fit.batch_size if fit.batch_size < structure.n_cells else None
     model = functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size)
-    # Globals: a Gaussian guide (mean-field, or low-rank for correlated drift entries).
+    # Globals: a Gaussian guide (row-block, mean-field or low-rank; see global_variational_family).
     # The global part sees neither the per-cell states nor the deterministic summaries.
     hidden_locals = block(model, hide_fn=lambda site: site.get("name") == "x" or site.get("type") == "deterministic")
-    if fit.guide == "low_rank":
-        global_guide = AutoLowRankMultivariateNormal(
-            hidden_locals, rank=fit.guide_rank, init_loc_fn=init_to_median, init_scale=fit.init_scale
-        )
-    else:
-        global_guide = AutoNormal(hidden_locals, init_loc_fn=init_to_median, init_scale=fit.init_scale)
+    global_guide = global_variational_family(hidden_locals, fit.resolved_guide(structure.n_genes), fit)
     guide = AutoGuideList(model)
     guide.append(global_guide)
     if config.model.likelihood != "gaussian":  # gaussian: the per-cell state is integrated out

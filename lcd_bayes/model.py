@@ -66,8 +66,10 @@ def regularized_horseshoe(name: str, shape, global_scale, slab_scale: float, sla
     slab = numpyro.sample(
         f"{name}_slab", dist.InverseGamma(0.5 * slab_df, 0.5 * slab_df * slab_scale**2)
     )
-    local = numpyro.sample(f"{name}_local", dist.HalfCauchy(jnp.ones(shape)).to_event(len(shape)))
-    raw = numpyro.sample(f"{name}_raw", dist.Normal(jnp.zeros(shape), 1.0).to_event(len(shape)))
+    # Rows are a plate (not an event dim) so that a guide can batch over them (the row-block guide).
+    with numpyro.plate(f"{name}_rows", shape[0], dim=-1):
+        local = numpyro.sample(f"{name}_local", dist.HalfCauchy(jnp.ones(shape)).to_event(len(shape) - 1))
+        raw = numpyro.sample(f"{name}_raw", dist.Normal(jnp.zeros(shape), 1.0).to_event(len(shape) - 1))
     if jnp.ndim(scale) == 1:  # one global scale per row (per perturbation label)
         scale = scale[:, None]
     shrunk = jnp.sqrt(slab * local**2 / (slab + scale**2 * local**2))

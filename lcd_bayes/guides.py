@@ -1,0 +1,111 @@
+"""Variational families over the global parameters of the LCD program.
+
+The per-cell states have their own amortized guide (``model.local_guide``); these are the
+Gaussian guides over the drift, shifts and noise parameters, chosen by ``[fit] guide``.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import Transform
+from numpyro.handlers import block
+from numpyro.infer.autoguide import (
+    AutoBatchedMultivariateNormal,
+    AutoGuideList,
+    AutoLowRankMultivariateNormal,
+    AutoNormal,
+)
+from numpyro.infer.initialization import init_to_median
+
+# The horseshoe's raw weights and local scales of R, both (target rows, source columns).
+ROW_BLOCK_SITES = ("interaction_raw", "interaction_local")
+
+
+class RowTransform(Transform):
+    """Lays the flat latent vector of ``n_sites`` stacked (rows, columns) sites out as one block
+    per row: ``(rows, n_sites * columns)``, row k holding row k of every site. (numpyro's batched
+    guides reshape the flat vector as is, which would put rows 2k and 2k+1 of the first site in
+    block k.) A permutation: volume-preserving."""
+
+    domain = constraints.independent(constraints.real, 2)
+    codomain = constraints.real_vector
+
+    def __init__(self, n_sites: int, n_rows: int, n_columns: int):
+        self.shape = (n_sites, n_rows, n_columns)
+
+    def __call__(self, blocks):
+        sites, rows, columns = self.shape
+        batch = blocks.shape[:-2]
+        stacked = jnp.swapaxes(blocks.reshape(batch + (rows, sites, columns)), -3, -2)
+        return stacked.reshape(batch + (sites * rows * columns,))
+
+    def _inverse(self, flat):
+        sites, rows, columns = self.shape
+        batch = flat.shape[:-1]
+        blocks = jnp.swapaxes(flat.reshape(batch + (sites, rows, columns)), -3, -2)
+        return blocks.reshape(batch + (rows, sites * columns))
+
+    def log_abs_det_jacobian(self, x, y, intermediates=None):
+        return jnp.zeros(x.shape[:-2])
+
+    def forward_shape(self, shape):
+        return shape[:-2] + (shape[-2] * shape[-1],)
+
+    def inverse_shape(self, shape):
+        sites, rows, columns = self.shape
+        return shape[:-1] + (rows, sites * columns)
+
+
+class AutoRowBlockNormal(AutoBatchedMultivariateNormal):
+    """A full-covariance Gaussian per row, jointly over that row of every (rows, columns) site."""
+
+    def _get_reshape_transform(self):
+        n_rows = self._batch_shape[0]
+        n_sites = len(self._init_locs)
+        return RowTransform(n_sites, n_rows, self.latent_dim // (n_sites * n_rows))
+
+    def _get_batched_posterior(self):
+        # As the parent, but the initial location is laid out in row blocks, like the samples.
+        init = self._get_reshape_transform()._inverse(self._init_latent)
+        loc = numpyro.param(f"{self.prefix}_loc", init)
+        size = init.shape[-1]
+        scale_tril = numpyro.param(
+            f"{self.prefix}_scale_tril", jnp.broadcast_to(self._init_scale * jnp.eye(size), init.shape[:-1] + (size, size)),
+            constraint=self.scale_tril_constraint,
+        )
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril)
+
+    def median(self, params):
+        loc = self._get_reshape_transform()(params[f"{self.prefix}_loc"])
+        return self._unpack_and_constrain(loc, params)
+
+
+def global_variational_family(model, guide: str, fit):
+    """The Gaussian family over the global (drift, shift and noise) parameters.
+
+    ``row_block``: row k of ``R`` is a regression of gene k's mean response on the other genes'
+    (and of its covariance with them), so its entries and their horseshoe local scales are
+    correlated within the row and only weakly across rows. One full covariance per row, over
+    that row's raw weights and log local scales, keeps what the mean-field guide drops at
+    ``d (2d)^2 / 2`` parameters instead of the full-rank ``(2 d^2)^2 / 2``; the other sites stay
+    mean-field. Measured (README): NUTS-relative sds of the effects 0.63 -> 0.68 (4 genes);
+    d = 20 Gaussian coverage of all true effects 0.72/0.88 -> 0.59/0.84 (50%/90%), NB AUROC
+    0.91 -> 0.95. A full-rank guide over all globals gave a non-finite ELBO within 150 steps.
+    """
+    if guide == "low_rank":
+        return AutoLowRankMultivariateNormal(
+            model, rank=fit.guide_rank, init_loc_fn=init_to_median, init_scale=fit.init_scale
+        )
+    if guide == "mean_field":
+        return AutoNormal(model, init_loc_fn=init_to_median, init_scale=fit.init_scale)
+    family = AutoGuideList(model)
+    # The row block sees its two sites and the plates (so it knows the rows are a plate).
+    family.append(AutoRowBlockNormal(
+        block(model, hide_fn=lambda site: site.get("type") != "plate" and site.get("name") not in ROW_BLOCK_SITES),
+        batch_ndim=1, prefix="row_block", init_loc_fn=init_to_median, init_scale=fit.init_scale,
+    ))
+    family.append(AutoNormal(block(model, hide=list(ROW_BLOCK_SITES)), init_loc_fn=init_to_median,
+                             init_scale=fit.init_scale))
+    return family
