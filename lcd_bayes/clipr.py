@@ -31,6 +31,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .drift_nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
+from .drift_nonlinear import posterior_drift
+from .newton import FixedPoint, fixed_point  # noqa: F401  (re-exported: CLIPR's solver)
 from .posterior import load_datatree, save_datatree, stacked_draws
 from .run import load_run
 
@@ -51,14 +54,6 @@ DEFAULT_TAU_FRACTION = 0.1
 LINEAR_PARAMS = ("drift", "basal_drift")
 
 
-class FixedPoint(NamedTuple):
-    """Result of the Newton solve for one fixed point."""
-
-    x: jax.Array  # (genes,) the fixed point found
-    residual: jax.Array  # () max |f(x)|, ~0 at a true fixed point
-    iterations: jax.Array  # () Newton steps taken
-
-
 def linear_drift(params: dict, x: jax.Array, shift: jax.Array) -> jax.Array:
     """``f(x; c) = A x + b + c`` with ``params = {"drift": A (target, source), "basal_drift": b}``."""
     return params["drift"] @ x + params["basal_drift"] + shift
@@ -67,70 +62,6 @@ def linear_drift(params: dict, x: jax.Array, shift: jax.Array) -> jax.Array:
 def initial_response(drift_fn: DriftFn, params, shift: jax.Array) -> jax.Array:
     """``v = f(0; c)``, the drift felt at the origin under the shift, shape (genes,)."""
     return drift_fn(params, jnp.zeros_like(shift), shift)
-
-
-def fixed_point(drift_fn: DriftFn, params, shift: jax.Array, x0: jax.Array | None = None, *,
-                max_iter: int = 50, rtol: float = 1e-6, n_halvings: int = 12) -> FixedPoint:
-    """Solve ``f(x; shift) = 0`` by damped Newton iterations from ``x0``.
-
-    Each step solves ``J dx = -f`` with ``J = jacfwd(f)`` and takes the longest of the steps
-    ``2^-k dx`` that decreases ``|f|^2`` enough (Armijo), so that a strongly nonlinear drift does
-    not overshoot. One full Newton step is exact for a linear drift: it goes through this same
-    path and stops after the step that lands on ``-A^{-1}(b + c)``. Under ``jax.vmap`` over
-    shifts the Jacobian of a linear drift does not depend on the shift, so JAX computes and
-    factorizes it once for all of them.
-
-    Parameters
-    ----------
-    drift_fn : callable
-        ``drift_fn(params, x, shift) -> (genes,)``.
-    params : pytree
-        One draw's drift parameters.
-    shift : jax.Array, shape (genes,)
-    x0 : jax.Array, shape (genes,), optional
-        Starting state (zeros by default); for a drift with several fixed points, the one found
-        is the one Newton reaches from here (the caller starts perturbations from control).
-    max_iter : int
-        Newton steps at most.
-    rtol : float
-        Stop when the step is below ``rtol * (1 + max|x|)`` or ``max|f|`` below ``rtol`` times
-        its starting value.
-    n_halvings : int
-        Step lengths tried per iteration, ``1, 1/2, ..., 2^-(n_halvings-1)``.
-
-    Returns
-    -------
-    FixedPoint
-        ``x`` (genes,), ``residual`` ``max|f(x)|`` and the number of iterations.
-    """
-    def residual_fn(x):
-        return drift_fn(params, x, shift)
-
-    x0 = jnp.zeros_like(shift) if x0 is None else jnp.asarray(x0, shift.dtype)
-    lengths = 0.5 ** jnp.arange(n_halvings, dtype=shift.dtype)
-    f0 = residual_fn(x0)
-    target = rtol * jnp.max(jnp.abs(f0))
-
-    def step(state):
-        x, fx, it, _ = state
-        direction = -jnp.linalg.solve(jax.jacfwd(residual_fn)(x), fx)
-        candidates = x + lengths[:, None] * direction
-        f_candidates = jax.vmap(residual_fn)(candidates)
-        merit = jnp.sum(f_candidates**2, axis=-1)
-        # Newton is a descent direction of |f|^2 with slope -2|f|^2; ask for a fraction of it.
-        decreases = merit <= (1.0 - 1e-4 * lengths) * jnp.sum(fx**2)
-        pick = jnp.where(jnp.any(decreases), jnp.argmax(decreases), n_halvings - 1)
-        x_new, f_new = candidates[pick], f_candidates[pick]
-        small_step = lengths[pick] * jnp.max(jnp.abs(direction)) <= rtol * (1.0 + jnp.max(jnp.abs(x_new)))
-        done = small_step | (jnp.max(jnp.abs(f_new)) <= target) | ~jnp.all(jnp.isfinite(x_new))
-        return x_new, f_new, it + 1, done
-
-    def keep_going(state):
-        _, _, it, done = state
-        return (it < max_iter) & ~done
-
-    x, fx, it, _ = jax.lax.while_loop(keep_going, step, (x0, f0, jnp.int32(0), jnp.max(jnp.abs(f0)) == 0))
-    return FixedPoint(x, jnp.max(jnp.abs(fx)), it)
 
 
 def limit_response(drift_fn: DriftFn, params, shift: jax.Array, x0: jax.Array | None = None,
@@ -419,6 +350,13 @@ def summary_to_table(summary: xr.Dataset) -> pd.DataFrame:
     return table
 
 
+def run_drift(model_config) -> tuple[DriftFn, tuple[str, ...]]:
+    """The drift function of a run's posterior and the variables that are its ``params``."""
+    if model_config.drift == "nonlinear":
+        return posterior_drift, NONLINEAR_PARAMS  # reads relative_interaction as stored (source, target)
+    return linear_drift, LINEAR_PARAMS
+
+
 def clipr_run(folder: str | Path, *, ridge: float | None = None, tau: float | None = None,
               hdi_prob: float = 0.9, chunk_size: int = 16, synthetic: bool = True) -> tuple[xr.DataTree, pd.DataFrame]:
     """CLIPR on a run folder's posterior; writes ``RUN/clipr.nc`` and ``RUN/edges.csv``.
@@ -435,10 +373,11 @@ def clipr_run(folder: str | Path, *, ridge: float | None = None, tau: float | No
     """
     _check_summary_args(tau, hdi_prob)
     folder = Path(folder)
-    tree, _config, _record = load_run(folder)
-    # A nonlinear drift plugs in here: its drift_fn and posterior variable names from the config.
+    tree, config, _record = load_run(folder)
+    drift_fn, param_names = run_drift(config.model)
     ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
-    effects = posterior_effects(tree, ridge=ridge, chunk_size=chunk_size, synthetic=synthetic)
+    effects = posterior_effects(tree, ridge=ridge, chunk_size=chunk_size, synthetic=synthetic,
+                                drift_fn=drift_fn, param_names=param_names)
     summary = edge_summary(effects, tau=tau, hdi_prob=hdi_prob)
     summary.attrs["ridge"] = ridge
     result = xr.DataTree.from_dict({"posterior": effects, "edges": summary})

@@ -48,6 +48,23 @@ class ModelConfig:
     off_target_scale: float = 0.05  # horseshoe global scale for labels with a modelled target
     unknown_target_scale: float = 1.0  # ... and for labels without one
     off_target_slab_scale: float = 3.0
+    # Drift family: "linear" (A x + b + c, exact Gaussian stationary law) or "nonlinear"
+    # (D (-x + s tanh(R x / s + h)) + b + c, stationary law by simulation; lcd_bayes.drift_nonlinear).
+    drift: str = "linear"
+    # Nonlinear drift only. Saturation s per gene in latent units, LogNormal(log median, log_sd):
+    # regulation moves a gene by at most s; s -> infinity is the linear drift.
+    saturation_prior_median: float = 1.0
+    saturation_prior_log_sd: float = 1.5
+    input_offset_scale: float = 1.0  # h ~ Normal(0, scale): each gene's control point on its tanh
+    # Particle simulation of the stationary law (lcd_bayes.stationary_sim), per SVI step: particles
+    # start from each condition's linear-noise approximation (LNA), so a short burn-in suffices.
+    sim_dt: float = 0.02  # Euler–Maruyama step of the nonlinear chain (and of its LNA)
+    sim_burn_in: int = 50  # steps before recording
+    sim_steps: int = 100  # recorded window, a multiple of sim_thin
+    sim_thin: int = 10
+    sim_particles: int = 16  # per condition
+    sim_noise: str = "rademacher"  # gaussian | rademacher increments (same first two moments)
+    lna_doublings: int = 12  # Smith doublings of each condition's LNA covariance: 2**12 sim_dt steps
 
     def __post_init__(self):
         if self.likelihood not in LIKELIHOODS:
@@ -60,6 +77,26 @@ class ModelConfig:
             raise ValueError(f"dt must be in (0, 1), got {self.dt}")
         if not (0 < self.max_spectral_radius < 1):
             raise ValueError("max_spectral_radius must be in (0, 1)")
+        if self.drift not in DRIFTS:
+            raise ValueError(
+                f"drift must be one of {DRIFTS}, got {self.drift!r} (set [model] drift in the config TOML; "
+                "models/lcd_nonlinear.toml selects the nonlinear drift)"
+            )
+        if self.drift == "nonlinear":
+            self.simulation_settings()  # SimulationSettings.validate raises on settings that cannot run
+            if not (self.saturation_prior_median > 0 and self.saturation_prior_log_sd > 0 and self.input_offset_scale > 0):
+                raise ValueError("saturation_prior_median, saturation_prior_log_sd and input_offset_scale must be > 0")
+            if self.lna_doublings < 1:
+                raise ValueError(f"lna_doublings must be >= 1, got {self.lna_doublings}")
+
+    def simulation_settings(self, particles: int | None = None):
+        """The particle simulation of the nonlinear drift's stationary law, as configured."""
+        from .stationary_sim import SimulationSettings
+
+        return SimulationSettings(
+            dt=self.sim_dt, n_burn_in=self.sim_burn_in, n_sample=self.sim_steps, thin=self.sim_thin,
+            n_particles=particles or self.sim_particles, sigma=self.sigma, noise=self.sim_noise,
+        ).validate()
 
 
 @dataclass(frozen=True)

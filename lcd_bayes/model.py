@@ -8,7 +8,10 @@
     y_ig ~ NB(s_i softplus(x_ig) u_g, phi_g)    counts (or ZIP, Poisson; Gaussian integrates x out)
 
 Priors sit in ``drift_prior``, the likelihood in ``lcd_model``; ``local_guide`` is the amortized
-variational family for the per-cell states.
+variational family for the per-cell states. With ``[model] drift = "nonlinear"`` the drift is
+``D (-x + s tanh(R x / s + h)) + b + c`` and each condition q has its own moment-matched law
+``N(mu_q, Sigma_q)`` from particle simulation (``drift_nonlinear``); the likelihoods are the same
+with ``Sigma_q`` gathered by each cell's condition.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from .config import ModelConfig
+from .drift_nonlinear import stationary_law_nonlinear
 from .stationary import effective_drift, stationary_law, stationary_means
 
 
@@ -48,11 +52,12 @@ class Structure(NamedTuple):
 class Drift(NamedTuple):
     """One draw of the drift and its stationary law."""
 
-    drift: jax.Array  # (genes, genes) A actually used (projected onto the stable set if needed)
+    drift: jax.Array  # (genes, genes) A actually used (projected onto the stable set if needed);
+    #                   nonlinear: the Jacobian at the unperturbed fixed point
     shift: jax.Array  # (perturbations, genes) c_p
     basal_drift: jax.Array  # (genes,) b
     means: jax.Array  # (conditions, genes) mu_q
-    covariance: jax.Array  # (genes, genes) Sigma
+    covariance: jax.Array  # (genes, genes) Sigma; nonlinear: (conditions, genes, genes) Sigma_q
 
 
 def regularized_horseshoe(name: str, shape, global_scale, slab_scale: float, slab_df: float):
@@ -106,6 +111,8 @@ def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
     numpyro.deterministic("shift", shift)
     numpyro.deterministic("basal_drift", basal)
     numpyro.deterministic("relative_interaction", relative_interaction)
+    if config.drift == "nonlinear":
+        return nonlinear_stationary(structure, config, decay, relative_interaction, basal, shift)
 
     law = stationary_law(
         drift, dt=config.dt, sigma=config.sigma, n_doublings=config.n_doublings,
@@ -125,6 +132,44 @@ def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
     numpyro.deterministic("stationary_mean", means)
     numpyro.deterministic("stationary_covariance", law.covariance)
     return Drift(used_drift, shift, basal, means, law.covariance)
+
+
+def nonlinear_stationary(structure: Structure, config: ModelConfig, decay, relative_interaction, basal,
+                         shift) -> Drift:
+    """Priors of the nonlinear drift's own parameters and its stationary law per condition.
+
+    Saturation ``s`` (latent units; large = linear) and input offset ``h`` per gene; the law is
+    ``drift_nonlinear.stationary_law_nonlinear`` with fresh particle noise every SVI step.
+    """
+    n_genes = structure.n_genes
+    saturation = numpyro.sample(
+        "saturation",
+        dist.LogNormal(jnp.full(n_genes, np.log(config.saturation_prior_median)), config.saturation_prior_log_sd).to_event(1),
+    )
+    input_offset = numpyro.sample(
+        "input_offset", dist.Normal(jnp.zeros(n_genes), config.input_offset_scale).to_event(1)
+    )
+    params = {"self_decay": decay, "relative_interaction": relative_interaction, "saturation": saturation,
+              "input_offset": input_offset, "basal_drift": basal}
+    key = numpyro.prng_key()
+    key = jax.random.PRNGKey(0) if key is None else key  # unseeded traces (shape inference) only
+    law = stationary_law_nonlinear(
+        params, jnp.asarray(structure.design) @ shift, key, config.simulation_settings(),
+        n_doublings=config.lna_doublings, max_spectral_radius=config.max_spectral_radius,
+    )
+    # As the linear model: a fixed point whose linearized chain has no stationary state was
+    # projected onto the stable set; penalize the worst condition's excess abscissa. Diverged
+    # particles (the condition fell back to its LNA) cost as much as a unit of excess.
+    excess_abscissa = jnp.max(-jnp.log(law.projection)) / config.sim_dt
+    diverged = jnp.mean(law.n_diverged > 0)
+    numpyro.factor("stability", -config.stability_penalty * structure.n_cells * (excess_abscissa + diverged))
+    numpyro.deterministic("log_spectral_radius", jnp.max(law.log_spectral_radius))
+    numpyro.deterministic("fixed_point_residual", jnp.max(law.residual))
+    numpyro.deterministic("n_diverged", jnp.sum(law.n_diverged))
+    numpyro.deterministic("drift", law.control_jacobian)
+    numpyro.deterministic("stationary_mean", law.means)
+    numpyro.deterministic("stationary_covariance", law.covariances)
+    return Drift(law.control_jacobian, shift, basal, law.means, law.covariances)
 
 
 def on_target_shift(targets: np.ndarray, config: ModelConfig) -> jax.Array:
@@ -176,7 +221,8 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
         marginal_tril = jnp.linalg.cholesky(drift.covariance + jnp.diag(noise_sd**2))
         with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
             numpyro.sample(
-                "y", dist.MultivariateNormal(drift.means[cells.condition[idx]], scale_tril=marginal_tril),
+                "y", dist.MultivariateNormal(drift.means[cells.condition[idx]],
+                                             scale_tril=condition_factor(marginal_tril, cells.condition[idx])),
                 obs=cells.counts[idx],
             )
         return
@@ -189,9 +235,16 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
     with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
         # Centered: a non-centered x = mu + L eps reached a higher ELBO on simulated counts but
         # explained the cell-to-cell variance by count noise, inflating the self-decay tenfold.
-        latent = numpyro.sample("x", dist.MultivariateNormal(drift.means[cells.condition[idx]], scale_tril=latent_tril))
+        latent = numpyro.sample("x", dist.MultivariateNormal(
+            drift.means[cells.condition[idx]], scale_tril=condition_factor(latent_tril, cells.condition[idx])))
         rate = cells.size_factor[idx, None] * link(latent, config.link) * gene_scale + 1e-6
         numpyro.sample("y", count_distribution(config.likelihood, rate, noise).to_event(1), obs=cells.counts[idx])
+
+
+def condition_factor(tril: jax.Array, condition: jax.Array) -> jax.Array:
+    """The Cholesky factor for each cell: shared (genes, genes) as is, or per condition
+    (conditions, genes, genes) gathered by the cell's condition (nonlinear drift)."""
+    return tril if tril.ndim == 2 else tril[condition]
 
 
 def observation_noise_prior(likelihood: str, n_genes: int) -> jax.Array | None:

@@ -33,8 +33,15 @@ VARIABLE_DIMS = {
     "basal_drift": ("gene",),
     "shift": ("perturbation", "gene"),
     "stationary_mean": ("condition", "gene"),
-    "stationary_sd": ("gene",),
-    "log_spectral_radius": (),
+    "stationary_sd": ("gene",),  # nonlinear drift: of the control condition
+    "log_spectral_radius": (),  # nonlinear drift: worst condition's linearization at its fixed point
+    # Nonlinear drift only (``drift = "nonlinear"``); there ``drift`` is the Jacobian at the
+    # unperturbed fixed point and ``interaction`` its transpose without diagonal.
+    "saturation": ("gene",),
+    "input_offset": ("gene",),
+    "condition_sd": ("condition", "gene"),  # sd of each condition's moment-matched law
+    "fixed_point_residual": (),
+    "n_diverged": (),
     "interaction_scale": (),
     "shift_mean": (),
     "shift_sd": (),
@@ -51,7 +58,10 @@ def draw_globals(global_guide, params: dict, structure: Structure, model_config,
     """Sample the variational posterior and compute every derived quantity per draw.
 
     Derived quantities (drift, stationary law) come from replaying ``drift_prior`` on each draw,
-    chunked with ``lax.map`` so memory stays bounded for many genes.
+    chunked with ``lax.map`` so memory stays bounded for many genes. For the nonlinear drift the
+    replay runs its particle simulation (one fixed noise key for all draws) and stores, besides the
+    common variables, ``saturation``, ``input_offset``, ``condition_sd`` and diagnostics; nothing
+    of size draws x conditions x genes x genes.
     """
     latent = global_guide.sample_posterior(jax.random.PRNGKey(seed_value), params, sample_shape=(num_samples,))
     off_diagonal = 1.0 - jnp.eye(structure.n_genes)
@@ -68,12 +78,22 @@ def draw_globals(global_guide, params: dict, structure: Structure, model_config,
             "basal_drift": sites["basal_drift"]["value"],
             "shift": sites["shift"]["value"],
             "stationary_mean": sites["stationary_mean"]["value"],
-            "stationary_sd": jnp.sqrt(jnp.diag(sites["stationary_covariance"]["value"])),
+            "stationary_sd": jnp.sqrt(jnp.diagonal(sites["stationary_covariance"]["value"], axis1=-2, axis2=-1)),
             "log_spectral_radius": sites["log_spectral_radius"]["value"],
         }
+        if nonlinear:
+            covariances = sites["stationary_covariance"]["value"]  # (conditions, genes, genes)
+            condition_sd = jnp.sqrt(jnp.diagonal(covariances, axis1=-2, axis2=-1))
+            out.update(saturation=draw["saturation"], input_offset=draw["input_offset"], condition_sd=condition_sd,
+                       stationary_sd=condition_sd[0],  # condition 0 is the control
+                       fixed_point_residual=sites["fixed_point_residual"]["value"],
+                       n_diverged=sites["n_diverged"]["value"])
         out.update({name: draw[name] for name in _NOISE_SITES if name in draw})
         return out
 
+    nonlinear = getattr(model_config, "drift", "linear") == "nonlinear"
+    if nonlinear:  # each draw holds a particle ensemble per condition while it is replayed
+        chunk_size = min(chunk_size, 4)
     draws = jax.lax.map(derived, latent, batch_size=chunk_size)
     return {name: np.asarray(value) for name, value in draws.items()}
 

@@ -15,6 +15,11 @@ control cells' moments, and counts ``y ~ NB(s link(x) u_s, phi_s)`` (or the run'
 Cells cycle over a random subset of draws, so the spread of predicted cells carries the
 posterior's uncertainty as well as the cell-to-cell noise.
 
+Nonlinear runs (``[model] drift = "nonlinear"``): each draw's requested conditions get their
+stationary law from the model's own solver (``drift_nonlinear.stationary_law_nonlinear``: fixed
+point, linear-noise approximation, particles, moment matching; ``PREDICT_PARTICLES`` particles),
+and a predicted cell is ``x ~ N(mu_sq, Sigma_sq)`` with a covariance per condition.
+
 Per-gene expected expression, ``E[y_g] = E[s] u_g E[link(x_g)]`` (Gauss-Hermite over
 ``x_g ~ N(mu_g, Sigma_gg)``), is summarized over all draws: posterior mean and a 90% interval.
 """
@@ -33,6 +38,8 @@ import numpy as np
 import numpyro.distributions as dist
 
 from .data import DataError
+from .drift_nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
+from .drift_nonlinear import stationary_law_nonlinear
 from .expression import canonical_label, label_parts, prediction_anndata
 from .model import link
 from .posterior import stacked_draws
@@ -42,6 +49,10 @@ from .stationary import stationary_law, stationary_means
 DEFAULT_CELL_DRAWS = 100  # posterior draws the predicted cells cycle over
 INTERVAL = 0.9
 _HERMITE_NODES = 32
+# Particles per condition of a nonlinear run's stationary law (more than a fit's SVI steps use:
+# prediction solves each draw once, and the spread of predicted cells should not carry much
+# Monte Carlo noise).
+PREDICT_PARTICLES = 64
 
 
 class Request(NamedTuple):
@@ -154,21 +165,34 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
     posterior = tree["posterior"]
     model = config.model
     request = parse_request(perturbations, record, has_target_law="shift_mean" in posterior)
+    nonlinear = model.drift == "nonlinear"
     names = ["drift", "basal_drift", "shift", "self_decay", "stationary_sd"]
+    names += list(NONLINEAR_PARAMS) if nonlinear else []
     names += [n for n in ("shift_mean", "shift_sd", "gene_scale", "concentration", "gate", "noise_sd") if n in posterior]
-    draws = {name: jnp.asarray(stacked_draws(posterior[name])) for name in names}
+    draws = {name: jnp.asarray(stacked_draws(posterior[name])) for name in dict.fromkeys(names)}
     n_samples = draws["drift"].shape[0]
 
     key_shift, key_draws, key_cells = jax.random.split(jax.random.PRNGKey(seed), 3)
     offsets = condition_offsets(draws, request, key_shift)
-    means = jax.vmap(stationary_means)(draws["drift"], offsets)  # (draws, conditions, genes)
     library = (record.get("control_size_factor_log_mean", 0.0), record.get("control_size_factor_log_sd",
                                                                             record.get("mean_size_factor_log_sd", 0.0)))
-    expected = _expected_expression(means, draws, model, library)
+    if nonlinear:
+        # One noise key per draw, shared by the summaries and the cells: the same law for both.
+        law_keys = jax.random.split(jax.random.fold_in(key_shift, 1), n_samples)
+        means, sds = _nonlinear_moments(_nonlinear_params(draws), offsets, law_keys, model=model)
+    else:
+        means = jax.vmap(stationary_means)(draws["drift"], offsets)  # (draws, conditions, genes)
+        sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
+    expected = _expected_expression(means, sds, draws, model, library)
     low, high = np.quantile(np.asarray(expected), [(1 - INTERVAL) / 2, (1 + INTERVAL) / 2], axis=0)
 
     used = np.asarray(jax.random.choice(key_draws, n_samples, (min(int(n_draws), n_samples),), replace=False))
-    values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells))
+    if nonlinear:
+        values, size_factor, draw_index = _sample_cells(
+            key_cells, means, draws, used, model, library, int(n_cells),
+            law=(_nonlinear_params(draws), offsets, law_keys))
+    else:
+        values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells))
     labels = np.repeat(np.array(request.conditions), int(n_cells))
     adata = prediction_anndata(
         values.reshape(-1, values.shape[-1]), labels, record["genes"],
@@ -185,26 +209,59 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
     return adata
 
 
-def _expected_expression(means, draws, model, library) -> jax.Array:
-    """``E[y_g]`` per draw and condition at the control cells' library sizes."""
+def _expected_expression(means, sds, draws, model, library) -> jax.Array:
+    """``E[y_g]`` per draw and condition at the control cells' library sizes; ``sds`` (draws,
+    conditions, genes) the latent sd of each condition."""
     if model.likelihood == "gaussian":
         return means
     mean_size_factor = math.exp(library[0] + 0.5 * library[1] ** 2)
-    sd = draws["stationary_sd"][:, None, :]
-    return mean_size_factor * draws["gene_scale"][:, None, :] * expected_link(means, jnp.broadcast_to(sd, means.shape), model.link)
+    return mean_size_factor * draws["gene_scale"][:, None, :] * expected_link(means, sds, model.link)
 
 
-def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int):
-    """Cells per condition cycling over the ``used`` draws; returns values, size factors, draws."""
+def _nonlinear_params(draws: dict) -> dict:
+    """The drift parameters of every draw in model orientation (R as (target, source)); the basal
+    drift is zero because ``condition_offsets`` already adds it to each condition's shift."""
+    return {"self_decay": draws["self_decay"], "saturation": draws["saturation"],
+            "input_offset": draws["input_offset"], "basal_drift": jnp.zeros_like(draws["basal_drift"]),
+            "relative_interaction": jnp.swapaxes(draws["relative_interaction"], -1, -2)}
+
+
+def _nonlinear_law(params, offsets, key, model):
+    return stationary_law_nonlinear(params, offsets, key, model.simulation_settings(PREDICT_PARTICLES),
+                                    n_doublings=model.lna_doublings, max_spectral_radius=model.max_spectral_radius)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _nonlinear_moments(params, offsets, keys, *, model):
+    """Means and sds (draws, conditions, genes) of every draw's requested conditions."""
+
+    def one_draw(args):
+        law = _nonlinear_law(*args, model)
+        return law.means, jnp.sqrt(jnp.diagonal(law.covariances, axis1=-2, axis2=-1))
+
+    return jax.lax.map(one_draw, (params, offsets, keys), batch_size=4)
+
+
+def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int, law=None):
+    """Cells per condition cycling over the ``used`` draws; returns values, size factors, draws.
+    ``law``: for a nonlinear run, (params, offsets, keys) of every draw, to re-solve the used
+    draws' per-condition covariances (identical keys: identical laws)."""
     per_draw = -(-n_cells // used.size)  # ceil: cells each used draw contributes per condition
     noise_name = {"nb": "concentration", "zip": "gate", "gaussian": "noise_sd"}.get(model.likelihood)
     n_genes = means.shape[-1]
     noise = draws[noise_name][used] if noise_name else jnp.zeros((used.size, n_genes))
     scale = draws["gene_scale"][used] if "gene_scale" in draws else jnp.ones((used.size, n_genes))
-    values, size_factor = _cells_of_draws(
-        jax.random.split(key, used.size), means[used], draws["drift"][used], scale, noise,
-        jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
-    )
+    if law is None:
+        values, size_factor = _cells_of_draws(
+            jax.random.split(key, used.size), means[used], draws["drift"][used], scale, noise,
+            jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
+        )
+    else:
+        params, offsets, law_keys = jax.tree_util.tree_map(lambda a: a[used], law)
+        values, size_factor = _nonlinear_cells_of_draws(
+            jax.random.split(key, used.size), params, offsets, law_keys, scale, noise,
+            jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
+        )
     # (draws, conditions, per_draw, ...) -> (conditions, draws * per_draw, ...), the first n_cells.
     values = jnp.moveaxis(values, 0, 1).reshape(means.shape[1], -1, n_genes)[:, :n_cells]
     size_factor = jnp.moveaxis(size_factor, 0, 1).reshape(means.shape[1], -1)[:, :n_cells]
@@ -222,13 +279,35 @@ def _cells_of_draws(keys, means, drifts, scales, noises, library, *, model, per_
         law = stationary_law(drift, dt=model.dt, sigma=model.sigma, n_doublings=model.n_doublings,
                              max_spectral_radius=model.max_spectral_radius)
         tril = jnp.linalg.cholesky(law.covariance)
-        k_x, k_s, k_y = jax.random.split(draw_key, 3)
-        eps = jax.random.normal(k_x, (mean.shape[0], per_draw, mean.shape[1]))
-        latent = mean[:, None, :] + eps @ tril.T
-        if model.likelihood == "gaussian":
-            return latent + noise * jax.random.normal(k_y, latent.shape), jnp.ones(latent.shape[:2])
-        size_factor = jnp.exp(library[0] + library[1] * jax.random.normal(k_s, latent.shape[:2]))
-        rate = size_factor[..., None] * link(latent, model.link) * scale + 1e-6
-        return _observe(k_y, model.likelihood, rate, noise).astype(jnp.float32), size_factor
+        return _cells_of_law(draw_key, mean, tril, scale, noise, library, model, per_draw)
 
     return jax.lax.map(one_draw, (means, drifts, scales, noises, keys), batch_size=16)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "per_draw"))
+def _nonlinear_cells_of_draws(keys, params, offsets, law_keys, scales, noises, library, *, model, per_draw: int):
+    """As ``_cells_of_draws`` for a nonlinear run: one covariance per condition and draw."""
+
+    def one_draw(args):
+        draw_params, offset, law_key, scale, noise, draw_key = args
+        law = _nonlinear_law(draw_params, offset, law_key, model)
+        tril = jnp.linalg.cholesky(law.covariances)  # (conditions, genes, genes)
+        return _cells_of_law(draw_key, law.means, tril, scale, noise, library, model, per_draw)
+
+    return jax.lax.map(one_draw, (params, offsets, law_keys, scales, noises, keys), batch_size=4)
+
+
+def _cells_of_law(draw_key, mean, tril, scale, noise, library, model, per_draw: int):
+    """``per_draw`` cells per condition from ``N(mean_q, tril tril^T)``, ``tril`` shared (genes,
+    genes) or per condition (conditions, genes, genes), then library sizes and the likelihood."""
+    k_x, k_s, k_y = jax.random.split(draw_key, 3)
+    eps = jax.random.normal(k_x, (mean.shape[0], per_draw, mean.shape[1]))
+    if tril.ndim == 2:
+        latent = mean[:, None, :] + eps @ tril.T
+    else:
+        latent = mean[:, None, :] + jnp.einsum("qij,qcj->qci", tril, eps)
+    if model.likelihood == "gaussian":
+        return latent + noise * jax.random.normal(k_y, latent.shape), jnp.ones(latent.shape[:2])
+    size_factor = jnp.exp(library[0] + library[1] * jax.random.normal(k_s, latent.shape[:2]))
+    rate = size_factor[..., None] * link(latent, model.link) * scale + 1e-6
+    return _observe(k_y, model.likelihood, rate, noise).astype(jnp.float32), size_factor

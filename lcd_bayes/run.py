@@ -26,6 +26,7 @@ import xarray as xr
 
 from .config import RunConfig, load_config
 from .data import PerturbationData, load_perturbation_data, read_targets, summarize
+from .drift_nonlinear import check_fitted_stationarity
 from .fit import FitResult, fit_svi
 from .model import CellBatch, Structure, link
 from .posterior import Coords, draw_globals, load_datatree, save_datatree, to_datatree
@@ -119,10 +120,16 @@ def fit(
         num_samples=run_config.fit.num_posterior_samples, seed_value=run_config.fit.seed + 1,
     )
     _warn_unstable(draws["log_spectral_radius"], run_config)
+    attrs = {}
+    if run_config.model.drift == "nonlinear":
+        report = check_fitted_stationarity(draws, data.design, run_config.model, seed=run_config.fit.seed)
+        attrs["stationarity"] = report.message
+        if not report:
+            warnings.warn(f"the simulated stationary law of a posterior draw is {report.message}", stacklevel=2)
     tree = to_datatree(
         draws, Coords(data.genes, data.conditions, data.perturbations), losses=result.losses,
         attrs={"config": run_config.to_toml(), "converged": int(result.converged),
-               "fit_seconds": result.seconds, "n_cells": data.n_cells},
+               "fit_seconds": result.seconds, "n_cells": data.n_cells, **attrs},
         constant_data={"design": (("condition", "perturbation"), data.design),
                        "targets": (("perturbation", "gene"), data.targets)},
     )
