@@ -1,7 +1,8 @@
 """How fast does the LCD fit run, and how long until it converges?
 
 For d genes in {20, 100, 300} (every gene perturbed once, 200 cells per condition, NB counts from
-``lcd_bayes.simulate``) this measures, with the shipped default configuration:
+``lcd_bayes.simulate``, linear or nonlinear as the configuration's drift) this measures, for each
+``--config`` (default: the shipped linear configuration):
 
 * compile time of the jitted SVI chunk,
 * SVI step time: median over many timed chunks after compilation (per step),
@@ -61,33 +62,50 @@ def step_times(adata, config, n_chunks: int) -> dict:
             "timed_steps": n_chunks * chunk}
 
 
+def configurations(args) -> list[tuple[str, object]]:
+    """(name, RunConfig) per ``--config``; a nonlinear config once per ``--sim-particles`` value."""
+    out = []
+    for path in args.config:
+        config = load_config(path)
+        if args.likelihood:
+            config = config.replace(model={"likelihood": args.likelihood})
+        name = Path(path).stem if path else "lcd_linear"
+        if config.model.drift == "nonlinear" and args.sim_particles:
+            out += [(f"{name}_p{p}", config.replace(model={"sim_particles": p})) for p in args.sim_particles]
+        else:
+            out.append((name, config))
+    return out
+
+
 def main(args):
-    config = load_config(args.config)
-    if args.likelihood:
-        config = config.replace(model={"likelihood": args.likelihood})
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
                            "device": str(jax.devices()[0])},
-               "config": config.to_dict(), "runs": []}
-    for n_genes in args.genes:
-        adata = simulate(n_genes, cells_per_condition=args.cells, likelihood=config.model.likelihood
-                         if config.model.likelihood != "zip" else "nb", seed=args.seed)
-        entry = {"genes": n_genes, "cells": adata.n_obs}
-        entry.update(step_times(adata, config, args.timed_chunks))
-        print(f"d={n_genes}: compile {entry['compile_seconds']:.1f} s, "
-              f"step {1e3 * entry['step_seconds_median']:.1f} ms (median)", flush=True)
-        if n_genes <= args.converge_up_to:
-            capped = config.replace(fit={"steps": args.max_steps})  # None keeps the config's steps
-            start = time.perf_counter()
-            run = fit(adata, config=capped, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
-            entry.update({
-                "fit_seconds": time.perf_counter() - start,  # includes compile and posterior draws
-                "fit_steps": int(run.fit.losses.size), "converged": bool(run.fit.converged),
-                **{f"recovery_{k}": v for k, v in
-                   recovery_against_truth(run.posterior, truth_from_uns(adata)["effect"]).items()},
-            })
-            print(f"  fit: {entry['fit_steps']} steps, converged={entry['converged']}, "
-                  f"{entry['fit_seconds']:.0f} s, AUROC {entry['recovery_auroc']:.3f}", flush=True)
-        results["runs"].append(entry)
+               "configs": {}, "runs": []}
+    for name, config in configurations(args):
+        results["configs"][name] = config.to_dict()
+        for n_genes in args.genes:
+            # Data from the simulator of the config's own drift family.
+            adata = simulate(n_genes, cells_per_condition=args.cells, likelihood=config.model.likelihood
+                             if config.model.likelihood != "zip" else "nb", drift=config.model.drift, seed=args.seed)
+            entry = {"config": name, "genes": n_genes, "cells": adata.n_obs,
+                     "guide": config.fit.resolved_guide(n_genes)}
+            entry.update(step_times(adata, config, args.timed_chunks))
+            entry["projected_fit_hours"] = entry["step_seconds_median"] * config.fit.steps / 3600
+            print(f"{name} d={n_genes}: compile {entry['compile_seconds']:.1f} s, "
+                  f"step {1e3 * entry['step_seconds_median']:.1f} ms (median)", flush=True)
+            if n_genes <= args.converge_up_to:
+                capped = config.replace(fit={"steps": args.max_steps})  # None keeps the config's steps
+                start = time.perf_counter()
+                run = fit(adata, config=capped, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+                entry.update({
+                    "fit_seconds": time.perf_counter() - start,  # includes compile and posterior draws
+                    "fit_steps": int(run.fit.losses.size), "converged": bool(run.fit.converged),
+                    **{f"recovery_{k}": v for k, v in
+                       recovery_against_truth(run.posterior, truth_from_uns(adata)["effect"]).items()},
+                })
+                print(f"  fit: {entry['fit_steps']} steps, converged={entry['converged']}, "
+                      f"{entry['fit_seconds']:.0f} s, AUROC {entry['recovery_auroc']:.3f}", flush=True)
+            results["runs"].append(entry)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
@@ -98,7 +116,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genes", type=int, nargs="+", default=[20, 100, 300])
     parser.add_argument("--cells", type=int, default=200, help="cells per condition")
-    parser.add_argument("--config", default=None)
+    parser.add_argument("--config", nargs="+", default=[None],
+                        help="model TOMLs to time (default: models/lcd_linear.toml), e.g. "
+                             "--config models/lcd_linear.toml models/lcd_nonlinear.toml")
+    parser.add_argument("--sim-particles", type=int, nargs="*", default=None,
+                        help="nonlinear configs: time each of these particle counts (the cost driver)")
     parser.add_argument("--likelihood", default=None)
     parser.add_argument("--timed-chunks", type=int, default=10)
     parser.add_argument("--max-steps", type=int, default=None, help="step cap (default: the config's)")

@@ -1,4 +1,5 @@
-"""Predict held-out double perturbations: LCD against the no-change, additive and linear baselines.
+"""Predict held-out double perturbations: LCD (one fit per ``--config``: linear and/or nonlinear
+drift) against the no-change, additive and linear baselines.
 
 Two settings (design section 7):
 
@@ -49,20 +50,31 @@ from lcd_bayes.splits import combination_splits, split_anndata
 METRICS = ("energy_distance", "mmd", "pearson_delta_all", "pearson_delta_top_de", "rmse_mean", "rmse_mean_top_de")
 
 
-def compare(train, test, folder: Path, out: Path, *, fit_kwargs: dict, data_kwargs: dict, seed: int) -> dict:
-    """Fit LCD on ``train``, predict ``test``'s conditions with LCD and every baseline, score all."""
+def method_name(config: str | None) -> str:
+    """``lcd_linear`` for the default configuration, else ``lcd_<TOML stem>``."""
+    stem = Path(config).stem if config else "lcd_linear"
+    return stem if stem.startswith("lcd") else f"lcd_{stem}"
+
+
+def compare(train, test, folder: Path, out: Path, *, configs: list, fit_kwargs: dict, data_kwargs: dict,
+            seed: int) -> dict:
+    """Fit LCD on ``train`` (once per config), predict ``test``'s conditions with LCD and every
+    baseline, score all."""
     key, control = data_kwargs["perturbation_key"], data_kwargs["control"]
-    if folder.exists():
-        shutil.rmtree(folder)  # a fresh fit every time the script runs
-    start = time.perf_counter()
-    fit(train, folder, seed=seed, progress=False, **data_kwargs, **fit_kwargs)
-    fit_seconds = time.perf_counter() - start
-    genes = load_run(folder)[2]["genes"]
     conditions = sorted(set(test.obs[key].astype(str)) - {control})
     n_cells = int(test.obs[key].astype(str).value_counts()[conditions].max())
     observed_kwargs = {"total_counts_key": data_kwargs.get("total_counts_key")}
-
-    predictions = {"lcd": predict(folder, conditions, n_cells=n_cells, seed=seed)}
+    predictions, fit_seconds = {}, {}
+    for config in configs:  # one LCD fit per model configuration (linear, nonlinear drift)
+        name = method_name(config)
+        run_folder = folder.with_name(f"{folder.name}_{name}")
+        if run_folder.exists():
+            shutil.rmtree(run_folder)  # a fresh fit every time the script runs
+        start = time.perf_counter()
+        fit(train, run_folder, config=config, seed=seed, progress=False, **data_kwargs, **fit_kwargs)
+        fit_seconds[name] = time.perf_counter() - start
+        predictions[name] = predict(run_folder, conditions, n_cells=n_cells, seed=seed)
+    genes = load_run(run_folder)[2]["genes"]
     for method in BASELINES:
         predictions[method] = predict_baseline(
             train, conditions, method=method, n_cells=n_cells, genes=genes, perturbation_key=key,
@@ -91,7 +103,7 @@ def simulated(args, root: Path, drift: str) -> dict:
         train, test = split_anndata(adata, split, control="ctrl")
         folds.append(compare(
             train, test, root / "runs" / f"{drift}_fold{split.fold}", root / f"{drift}_fold{split.fold}",
-            fit_kwargs={"steps": args.steps, "config": args.config}, seed=args.seed,
+            configs=args.config, fit_kwargs={"steps": args.steps}, seed=args.seed,
             data_kwargs={"perturbation_key": "condition", "control": "ctrl", "size_factor_key": LIBRARY_SIZE_KEY},
         ))
     return {"folds": folds, "mean": _pool(folds)}
@@ -105,7 +117,7 @@ def norman(args, root: Path) -> dict:
     train, test = split_anndata(adata, split, control="control")
     result = compare(
         train, test, root / "runs" / "norman19", root / "norman19",
-        fit_kwargs={"steps": args.steps, "n_top_genes": args.genes, "config": args.config}, seed=args.seed,
+        configs=args.config, fit_kwargs={"steps": args.steps, "n_top_genes": args.genes}, seed=args.seed,
         data_kwargs={"perturbation_key": "condition", "control": "control", "total_counts_key": "ncounts"},
     )
     return {**result, "mean": {m: r["mean"] for m, r in result["methods"].items()}}
@@ -131,7 +143,7 @@ def plot(results: dict, path: Path) -> None:
         methods = list(means)
         for col, metric in enumerate(METRICS):
             ax = axes[row, col]
-            ax.bar(methods, [means[m][metric] for m in methods], color=["C3", "C7", "C0", "C2"][: len(methods)])
+            ax.bar(methods, [means[m][metric] for m in methods], color=[f"C{i}" for i in range(len(methods))])
             ax.set_title(f"{setting}: {metric}", fontsize=8)
             ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     fig.suptitle("held-out doubles (lower is better for distances and RMSE, higher for Pearson)", fontsize=9)
@@ -159,7 +171,9 @@ if __name__ == "__main__":
     parser.add_argument("--data", default=None, help="perturbench_devel.h5ad (the Norman 2019 subset is scored)")
     parser.add_argument("--genes", type=int, default=100, help="most variable genes modelled on norman19")
     parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--config", default=None, help="model configuration TOML (default: models/lcd_linear.toml)")
+    parser.add_argument("--config", nargs="+", default=[None],
+                        help="model configuration TOMLs, one LCD fit each (default: models/lcd_linear.toml); "
+                             "e.g. --config models/lcd_linear.toml models/lcd_nonlinear.toml")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--simulated", nargs="*", default=["linear", "nonlinear"], choices=["linear", "nonlinear"],
                         help="simulated drift families to score (none: only the real data)")
