@@ -170,6 +170,8 @@ def fit_svi(
                     f"the ELBO became non-finite at step {bad}. Usual causes: a learning rate too high "
                     f"(now {fit.learning_rate}; set [fit] learning_rate lower in a --config TOML), counts "
                     "on a very different scale than the priors expect, or a gene with no counts. "
+                    + (f"With the nonlinear drift also: a smaller [model] sim_dt (now {config.model.sim_dt}) for "
+                       "stiff draws, or fewer genes. " if config.model.drift == "nonlinear" else "")
                     + (f"The last finite state is saved in {checkpoint_path}." if checkpoint_path else "")
                 )
             state, losses = new_state, np.concatenate([losses, chunk_losses])
