@@ -77,10 +77,16 @@ def nonlinear_drift(params: dict, x: jax.Array, shift: jax.Array) -> jax.Array:
     return params["self_decay"] * (regulation - x) + params["basal_drift"] + shift
 
 
+def from_posterior(params: dict) -> dict:
+    """Drift parameters as stored in ``posterior.nc`` (``relative_interaction`` (source, target),
+    draws in leading dims or not) -> the model's orientation (target, source)."""
+    return {**params, "relative_interaction": jnp.swapaxes(jnp.asarray(params["relative_interaction"]), -1, -2)}
+
+
 def posterior_drift(params: dict, x: jax.Array, shift: jax.Array) -> jax.Array:
-    """``nonlinear_drift`` with ``relative_interaction`` as stored in ``posterior.nc``: (source,
-    target), so ``R x = x @ R_stored``. The ``drift_fn`` CLIPR and predict use on run folders."""
-    return nonlinear_drift({**params, "relative_interaction": params["relative_interaction"].T}, x, shift)
+    """``nonlinear_drift`` of one draw as stored in ``posterior.nc`` (see ``from_posterior``).
+    The ``drift_fn`` CLIPR uses on run folders."""
+    return nonlinear_drift(from_posterior(params), x, shift)
 
 
 def drift_jacobian(params: dict, x: jax.Array) -> jax.Array:
@@ -204,8 +210,7 @@ def check_fitted_stationarity(draws: dict, design: np.ndarray, model_config, *, 
     (window halves compared in mean and mean square; divergence). A failure means the likelihood
     saw moments that were still relaxing: raise ``sim_burn_in`` or lower ``sim_dt``.
     """
-    params = {name: jnp.asarray(draws[name][draw]) for name in PARAM_NAMES}
-    params["relative_interaction"] = params["relative_interaction"].T  # stored (source, target)
+    params = from_posterior({name: jnp.asarray(draws[name][draw]) for name in PARAM_NAMES})
     shifts = jnp.asarray(design, jnp.float32) @ jnp.asarray(draws["shift"][draw])
     settings = model_config.simulation_settings(max(CHECK_PARTICLES, model_config.sim_particles))
     law = jax.jit(stationary_law_nonlinear, static_argnames=("settings", "n_doublings", "max_spectral_radius"))(

@@ -39,7 +39,7 @@ import numpyro.distributions as dist
 
 from .data import DataError
 from .drift_nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
-from .drift_nonlinear import stationary_law_nonlinear
+from .drift_nonlinear import from_posterior, stationary_law_nonlinear
 from .expression import canonical_label, label_parts, prediction_anndata
 from .model import link
 from .posterior import stacked_draws
@@ -221,9 +221,8 @@ def _expected_expression(means, sds, draws, model, library) -> jax.Array:
 def _nonlinear_params(draws: dict) -> dict:
     """The drift parameters of every draw in model orientation (R as (target, source)); the basal
     drift is zero because ``condition_offsets`` already adds it to each condition's shift."""
-    return {"self_decay": draws["self_decay"], "saturation": draws["saturation"],
-            "input_offset": draws["input_offset"], "basal_drift": jnp.zeros_like(draws["basal_drift"]),
-            "relative_interaction": jnp.swapaxes(draws["relative_interaction"], -1, -2)}
+    params = from_posterior({name: draws[name] for name in NONLINEAR_PARAMS})
+    return {**params, "basal_drift": jnp.zeros_like(draws["basal_drift"])}
 
 
 def _nonlinear_law(params, offsets, key, model):
