@@ -77,10 +77,6 @@ class AutoRowBlockNormal(AutoBatchedMultivariateNormal):
         )
         return dist.MultivariateNormal(loc, scale_tril=scale_tril)
 
-    def median(self, params):
-        loc = self._get_reshape_transform()(params[f"{self.prefix}_loc"])
-        return self._unpack_and_constrain(loc, params)
-
 
 def global_variational_family(model, guide: str, fit):
     """The Gaussian family over the global (drift, shift and noise) parameters.

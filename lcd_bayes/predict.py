@@ -179,7 +179,8 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
     if nonlinear:
         # One noise key per draw, shared by the summaries and the cells: the same law for both.
         law_keys = jax.random.split(jax.random.fold_in(key_shift, 1), n_samples)
-        means, sds = _nonlinear_moments(_nonlinear_params(draws), offsets, law_keys, model=model)
+        params = _nonlinear_params(draws)
+        means, sds = _nonlinear_moments(params, offsets, law_keys, model=model)
     else:
         means = jax.vmap(stationary_means)(draws["drift"], offsets)  # (draws, conditions, genes)
         sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
@@ -190,7 +191,7 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
     if nonlinear:
         values, size_factor, draw_index = _sample_cells(
             key_cells, means, draws, used, model, library, int(n_cells),
-            law=(_nonlinear_params(draws), offsets, law_keys))
+            law=(params, offsets, law_keys))
     else:
         values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells))
     labels = np.repeat(np.array(request.conditions), int(n_cells))
