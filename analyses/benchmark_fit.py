@@ -63,7 +63,8 @@ def step_times(adata, config, n_chunks: int) -> dict:
 
 
 def configurations(args) -> list[tuple[str, object]]:
-    """(name, RunConfig) per ``--config``; a nonlinear config once per ``--sim-particles`` value."""
+    """(name, RunConfig) per ``--config``; a nonlinear config once per ``--sim-particles`` value,
+    and every config once per ``--cell-particles`` value."""
     out = []
     for path in args.config:
         config = load_config(path)
@@ -74,6 +75,9 @@ def configurations(args) -> list[tuple[str, object]]:
             out += [(f"{name}_p{p}", config.replace(model={"sim_particles": p})) for p in args.sim_particles]
         else:
             out.append((name, config))
+    if args.cell_particles:
+        out = [(f"{name}_k{k}", config.replace(fit={"cell_particles": k}))
+               for name, config in out for k in args.cell_particles]
     return out
 
 
@@ -121,6 +125,8 @@ if __name__ == "__main__":
                              "--config models/lcd_linear.toml models/lcd_nonlinear.toml")
     parser.add_argument("--sim-particles", type=int, nargs="*", default=None,
                         help="nonlinear configs: time each of these particle counts (the cost driver)")
+    parser.add_argument("--cell-particles", type=int, nargs="*", default=None,
+                        help="[fit] cell_particles values to compare (importance draws per cell)")
     parser.add_argument("--likelihood", default=None)
     parser.add_argument("--timed-chunks", type=int, default=10)
     parser.add_argument("--max-steps", type=int, default=None, help="step cap (default: the config's)")

@@ -112,7 +112,8 @@ class FitConfig:
     guide: str = "auto"  # auto | row_block | mean_field | low_rank (see fit.global_variational_family)
     guide_rank: int = 10  # for the low-rank guide
     init_scale: float = 0.05
-    encoder_hidden: int = 64  # amortized local guide width
+    encoder_hidden: int = 64  # width of the cell encoder (the pseudo-observation of conditional_proposal)
+    cell_particles: int = 16  # importance draws per cell for its marginal likelihood (model.lcd_model)
     steps_per_chunk: int = 50  # steps fused into one jitted lax.scan between progress updates
     convergence_window: int = 500  # steps compared for the convergence check
     convergence_tol: float = 1e-4  # relative ELBO change between windows that counts as converged
@@ -132,6 +133,8 @@ class FitConfig:
             raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
         if self.steps < 1 or self.steps_per_chunk < 1:
             raise ValueError("steps and steps_per_chunk must be positive")
+        if self.cell_particles < 1:
+            raise ValueError(f"cell_particles must be a positive integer, got {self.cell_particles}")
 
 
 @dataclass(frozen=True)

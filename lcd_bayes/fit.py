@@ -17,13 +17,12 @@ import numpy as np
 import optax
 from numpyro.handlers import block
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoGuideList
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .guides import global_variational_family
-from .model import CellBatch, Structure, lcd_model, local_guide
+from .model import CellBatch, Structure, lcd_model
 
 
 class FitError(RuntimeError):
@@ -43,25 +42,18 @@ class Inference(NamedTuple):
 
     svi: SVI
     model: callable
-    guide: AutoGuideList
-    global_guide: object  # the part of the guide over global (drift and noise) parameters
+    guide: object  # over the global (drift, shift and noise) parameters; the cells are integrated out
 
 
 def build_inference(structure: Structure, config: RunConfig) -> Inference:
     fit = config.fit
     batch_size = fit.batch_size if fit.batch_size < structure.n_cells else None
-    model = functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size)
-    # Globals: a Gaussian guide (row-block, mean-field or low-rank; see global_variational_family).
-    # The global part sees neither the per-cell states nor the deterministic summaries.
-    hidden_locals = block(model, hide_fn=lambda site: site.get("name") == "x" or site.get("type") == "deterministic")
-    global_guide = global_variational_family(hidden_locals, fit.resolved_guide(structure.n_genes), fit)
-    guide = AutoGuideList(model)
-    guide.append(global_guide)
-    if config.model.likelihood != "gaussian":  # gaussian: the per-cell state is integrated out
-        guide.append(functools.partial(
-            local_guide, structure=structure, config=config.model, batch_size=batch_size,
-            hidden=fit.encoder_hidden,
-        ))
+    model = functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size,
+                              cell_particles=fit.cell_particles, encoder_hidden=fit.encoder_hidden)
+    # A Gaussian guide (row-block, mean-field or low-rank; see global_variational_family) over the
+    # globals: the per-cell states are integrated out in the model, the summaries are deterministic.
+    hidden_summaries = block(model, hide_fn=lambda site: site.get("type") == "deterministic")
+    guide = global_variational_family(hidden_summaries, fit.resolved_guide(structure.n_genes), fit)
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=fit.learning_rate * 0.1, peak_value=fit.learning_rate,
         warmup_steps=min(fit.warmup_steps, fit.steps - 1), decay_steps=fit.steps,
@@ -69,7 +61,7 @@ def build_inference(structure: Structure, config: RunConfig) -> Inference:
     )
     optimizer = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(fit.clip_norm), optax.adam(schedule)))
     svi = SVI(model, guide, optimizer, Trace_ELBO())
-    return Inference(svi, model, guide, global_guide)
+    return Inference(svi, model, guide)
 
 
 def has_converged(losses: np.ndarray, window: int, tol: float) -> bool:

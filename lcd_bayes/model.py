@@ -7,8 +7,8 @@
     x_i ~ N(mu_q(i), Sigma)                     latent state of cell i
     y_ig ~ NB(s_i softplus(x_ig) u_g, phi_g)    counts (or ZIP, Poisson; Gaussian integrates x out)
 
-Priors sit in ``drift_prior``, the likelihood in ``lcd_model``; ``local_guide`` is the amortized
-variational family for the per-cell states. With ``[model] drift = "nonlinear"`` the drift is
+Priors sit in ``drift_prior``, the likelihood in ``lcd_model``, which integrates each cell's state
+out by importance sampling from ``conditional_proposal`` (so the guide covers the globals only). With ``[model] drift = "nonlinear"`` the drift is
 ``D (-x + s tanh(R x / s + h)) + b + c`` and each condition q has its own moment-matched law
 ``N(mu_q, Sigma_q)`` from particle simulation (``drift_nonlinear``); the likelihoods are the same
 with ``Sigma_q`` gathered by each cell's condition.
@@ -60,7 +60,15 @@ class Drift(NamedTuple):
     covariance: jax.Array  # (genes, genes) Sigma; nonlinear: (conditions, genes, genes) Sigma_q
 
 
-def regularized_horseshoe(name: str, shape, global_scale, slab_scale: float, slab_df: float):
+def per_gene(name: str, prior: dist.Distribution):
+    """A per-gene parameter, sampled in the ``genes`` plate (the same density as an event of
+    length d) so that the row-block guide can put it in gene k's block."""
+    with numpyro.plate("genes", prior.batch_shape[-1], dim=-1):
+        return numpyro.sample(name, prior)
+
+
+def regularized_horseshoe(name: str, shape, global_scale, slab_scale: float, slab_df: float,
+                          rows_plate: str | None = None):
     """Sparse weights ``z * tau * lambda_tilde`` (Piironen & Vehtari 2017), non-centered.
 
     Non-centering keeps the posterior geometry close to Gaussian, which a Gaussian guide can fit;
@@ -72,7 +80,7 @@ def regularized_horseshoe(name: str, shape, global_scale, slab_scale: float, sla
         f"{name}_slab", dist.InverseGamma(0.5 * slab_df, 0.5 * slab_df * slab_scale**2)
     )
     # Rows are a plate (not an event dim) so that a guide can batch over them (the row-block guide).
-    with numpyro.plate(f"{name}_rows", shape[0], dim=-1):
+    with numpyro.plate(rows_plate or f"{name}_rows", shape[0], dim=-1):
         local = numpyro.sample(f"{name}_local", dist.HalfCauchy(jnp.ones(shape)).to_event(len(shape) - 1))
         raw = numpyro.sample(f"{name}_raw", dist.Normal(jnp.zeros(shape), 1.0).to_event(len(shape) - 1))
     if jnp.ndim(scale) == 1:  # one global scale per row (per perturbation label)
@@ -96,17 +104,14 @@ def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
 
     relative_interaction = regularized_horseshoe(
         "interaction", (n_genes, n_genes), config.interaction_global_scale,
-        config.interaction_slab_scale, config.interaction_slab_df,
+        config.interaction_slab_scale, config.interaction_slab_df, rows_plate="genes",  # row k: inputs of gene k
     ) * (1.0 - eye)
-    log_decay = numpyro.sample(
-        "log_decay",
-        dist.Normal(jnp.full(n_genes, np.log(config.decay_prior_median)), config.decay_prior_log_sd).to_event(1),
+    log_decay = per_gene(
+        "log_decay", dist.Normal(jnp.full(n_genes, np.log(config.decay_prior_median)), config.decay_prior_log_sd)
     )
     decay = jnp.exp(log_decay)
     drift = decay[:, None] * (relative_interaction - eye)
-    basal = decay * numpyro.sample(
-        "basal_relative", dist.Normal(jnp.zeros(n_genes), config.basal_scale).to_event(1)
-    )
+    basal = decay * per_gene("basal_relative", dist.Normal(jnp.zeros(n_genes), config.basal_scale))
     shift = decay * (on_target_shift(structure.targets, config) + off_target_shift(structure.targets, config))
     numpyro.deterministic("shift", shift)
     numpyro.deterministic("basal_drift", basal)
@@ -210,13 +215,22 @@ def inverse_link(rate: jax.Array, name: str) -> jax.Array:
     return jnp.log(rate)
 
 
-def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch_size: int | None = None):
-    """The generative program. ``batch_size`` subsamples cells (the ELBO is rescaled by the plate)."""
+def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch_size: int | None = None,
+              cell_particles: int = 1, encoder_hidden: int = 64):
+    """The generative program. ``batch_size`` subsamples cells (the ELBO is rescaled by the plate).
+
+    The per-cell states x_i are integrated out inside the program, as the gaussian likelihood does
+    in closed form: each cell's ``log p(y_i | globals)`` enters as its importance-weighted bound
+    (Burda et al. 2016) with ``cell_particles`` draws from ``conditional_proposal``, so the guide
+    covers the global parameters only. The bound tends to the exact marginal as the number of
+    particles grows; with one particle it is the usual ELBO of a Gaussian cell guide, whose gap
+    depends on the globals and biased them (README, calibration).
+    """
     drift = drift_prior(structure, config)
     n_genes = structure.n_genes
 
     if config.likelihood == "gaussian":
-        noise_sd = numpyro.sample("noise_sd", dist.HalfNormal(jnp.ones(n_genes)).to_event(1))
+        noise_sd = per_gene("noise_sd", dist.HalfNormal(jnp.ones(n_genes)))
         # y = x + noise with x ~ N(mu_q, Sigma): x integrates out in closed form.
         marginal_tril = jnp.linalg.cholesky(drift.covariance + jnp.diag(noise_sd**2))
         with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
@@ -227,18 +241,24 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
             )
         return
 
-    gene_scale = numpyro.sample(
-        "gene_scale", dist.LogNormal(jnp.asarray(structure.gene_scale_center), 1.0).to_event(1)
-    )
+    gene_scale = per_gene("gene_scale", dist.LogNormal(jnp.asarray(structure.gene_scale_center), 1.0))
     noise = observation_noise_prior(config.likelihood, n_genes)
     latent_tril = jnp.linalg.cholesky(drift.covariance)
+
     with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
-        # Centered: a non-centered x = mu + L eps reached a higher ELBO on simulated counts but
-        # explained the cell-to-cell variance by count noise, inflating the self-decay tenfold.
-        latent = numpyro.sample("x", dist.MultivariateNormal(
-            drift.means[cells.condition[idx]], scale_tril=condition_factor(latent_tril, cells.condition[idx])))
+        condition = cells.condition[idx]
+        # Centered: x ~ N(mu_q, Sigma) itself is the state law (a non-centered x = mu + L eps
+        # reached a higher ELBO on simulated counts but explained the cell-to-cell variance by
+        # count noise, inflating the self-decay tenfold).
+        state_law = dist.MultivariateNormal(drift.means[condition], scale_tril=condition_factor(latent_tril, condition))
+        proposal = conditional_proposal(cells, idx, structure, config, encoder_hidden, drift)
+        key = numpyro.prng_key()
+        key = jax.random.PRNGKey(0) if key is None else key  # unseeded traces (shape inference) only
+        latent = proposal.sample(key, (cell_particles,))  # (particles, cells, genes), reparameterized
         rate = cells.size_factor[idx, None] * link(latent, config.link) * gene_scale + 1e-6
-        numpyro.sample("y", count_distribution(config.likelihood, rate, noise).to_event(1), obs=cells.counts[idx])
+        log_weight = (count_distribution(config.likelihood, rate, noise).to_event(1).log_prob(cells.counts[idx])
+                      + state_law.log_prob(latent) - proposal.log_prob(latent))
+        numpyro.factor("y", jax.nn.logsumexp(log_weight, axis=0) - jnp.log(cell_particles))
 
 
 def condition_factor(tril: jax.Array, condition: jax.Array) -> jax.Array:
@@ -250,9 +270,9 @@ def condition_factor(tril: jax.Array, condition: jax.Array) -> jax.Array:
 def observation_noise_prior(likelihood: str, n_genes: int) -> jax.Array | None:
     """Per-gene noise parameter: NB concentration, or ZIP zero-inflation probability."""
     if likelihood == "nb":
-        return numpyro.sample("concentration", dist.LogNormal(jnp.full(n_genes, np.log(10.0)), 1.5).to_event(1))
+        return per_gene("concentration", dist.LogNormal(jnp.full(n_genes, np.log(10.0)), 1.5))
     if likelihood == "zip":
-        return numpyro.sample("gate", dist.Beta(jnp.ones(n_genes), 9.0).to_event(1))
+        return per_gene("gate", dist.Beta(jnp.ones(n_genes), 9.0))
     return None
 
 
@@ -270,15 +290,12 @@ def crude_latent(counts: jax.Array, size_factor: jax.Array, gene_scale_center: j
     return inverse_link(normalized, link_name)
 
 
-def local_guide(cells: CellBatch, structure: Structure, config: ModelConfig, batch_size: int | None = None,
-                *, hidden: int = 64):
-    """Amortized Gaussian guide for the per-cell states x_i.
+def pseudo_observation(cells: CellBatch, idx, structure: Structure, config: ModelConfig, hidden: int):
+    """What the counts of cells ``idx`` alone say about their states: a location per cell.
 
-    The location starts at each cell's crude latent guess and an encoder (a linear map plus a
-    small MLP) and a learned offset per condition correct it, so the cost does not grow with the
-    number of cells and minibatches work. The covariance is one full lower-triangular factor
-    shared by all cells: the posterior of x_i keeps the gene-gene correlations of Sigma, which
-    a diagonal guide would drop, biasing Sigma and, through it, the drift.
+    An amortized encoder: each cell's crude latent guess, corrected by a linear map plus a small
+    MLP and a learned offset per condition, so the cost does not grow with the number of cells
+    and minibatches work.
     """
     n_genes, n_conditions = structure.n_genes, structure.design.shape[0]
     init = jax.nn.initializers.normal(0.01)
@@ -287,15 +304,30 @@ def local_guide(cells: CellBatch, structure: Structure, config: ModelConfig, bat
     weights_hidden = numpyro.param("encoder_hidden_out", lambda key: init(key, (hidden, n_genes)))
     weights_linear = numpyro.param("encoder_linear", jnp.zeros((n_genes, n_genes)))
     condition_offset = numpyro.param("encoder_condition_offset", jnp.zeros((n_conditions, n_genes)))
-    scale_tril = numpyro.param(
-        "encoder_scale_tril", 0.3 * jnp.eye(n_genes), constraint=dist.constraints.scaled_unit_lower_cholesky
-    )
-    with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
-        guess = crude_latent(
-            cells.counts[idx], cells.size_factor[idx], jnp.asarray(structure.gene_scale_center), config.link
-        )
-        hidden_state = jnp.tanh(guess @ weights_in + bias_in)
-        correction = guess @ weights_linear + hidden_state @ weights_hidden
-        loc = guess + correction + condition_offset[cells.condition[idx]]
-        latent = numpyro.sample("x", dist.MultivariateNormal(loc, scale_tril=scale_tril))
-    return {"x": latent}  # AutoGuideList collects each part's samples
+    guess = crude_latent(cells.counts[idx], cells.size_factor[idx], jnp.asarray(structure.gene_scale_center), config.link)
+    hidden_state = jnp.tanh(guess @ weights_in + bias_in)
+    correction = guess @ weights_linear + hidden_state @ weights_hidden
+    return guess + correction + condition_offset[cells.condition[idx]]
+
+
+def conditional_proposal(cells: CellBatch, idx, structure: Structure, config: ModelConfig, hidden: int,
+                         drift: Drift) -> dist.MultivariateNormal:
+    """``q(x_i | y_i, globals)``: the state law ``N(mu_q, Sigma)`` of the current global draw
+    times a Gaussian pseudo-likelihood ``N(m_i, P^{-1})`` from the encoder, in closed form.
+
+    Because the proposal moves with the drawn drift (a draw with a larger stationary variance
+    widens it), draws of the globals along the count model's weakly identified directions (the
+    latent scale against count noise) are not penalized by a cell guide fitted to one of them.
+    """
+    observed = pseudo_observation(cells, idx, structure, config, hidden)
+    pseudo_precision = numpyro.param("encoder_precision", jnp.full(structure.n_genes, 10.0),
+                                     constraint=dist.constraints.positive)
+    prior_precision = jnp.linalg.inv(drift.covariance)  # (genes, genes) or per condition
+    precision = prior_precision + jnp.diag(pseudo_precision)
+    proposal_tril = jnp.linalg.cholesky(jnp.linalg.inv(precision))
+    condition = cells.condition[idx]
+    prior_natural = jnp.einsum("...ij,...j->...i", prior_precision, drift.means)  # (conditions, genes)
+    natural = prior_natural[condition] + pseudo_precision * observed
+    tril = condition_factor(proposal_tril, condition)
+    mean = jnp.einsum("...ij,...kj,...k->...i", tril, tril, natural)
+    return dist.MultivariateNormal(mean, scale_tril=tril)

@@ -53,7 +53,7 @@ VARIABLE_DIMS = {
 _NOISE_SITES = ("gene_scale", "concentration", "gate", "noise_sd", "interaction_scale", "shift_mean", "shift_sd")
 
 
-def draw_globals(global_guide, params: dict, structure: Structure, model_config, *, num_samples: int,
+def draw_globals(guide, params: dict, structure: Structure, model_config, *, num_samples: int,
                  seed_value: int = 0, chunk_size: int = 64) -> dict[str, np.ndarray]:
     """Sample the variational posterior and compute every derived quantity per draw.
 
@@ -63,7 +63,7 @@ def draw_globals(global_guide, params: dict, structure: Structure, model_config,
     common variables, ``saturation``, ``input_offset``, ``condition_sd`` and diagnostics; nothing
     of size draws x conditions x genes x genes.
     """
-    latent = global_guide.sample_posterior(jax.random.PRNGKey(seed_value), params, sample_shape=(num_samples,))
+    latent = guide.sample_posterior(jax.random.PRNGKey(seed_value), params, sample_shape=(num_samples,))
     off_diagonal = 1.0 - jnp.eye(structure.n_genes)
 
     def derived(draw):

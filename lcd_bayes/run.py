@@ -116,7 +116,7 @@ def fit(
         fingerprint=_fingerprint(data, run_config), progress=progress,
     )
     draws = draw_globals(
-        inference.global_guide, result.params, structure, run_config.model,
+        inference.guide, result.params, structure, run_config.model,
         num_samples=run_config.fit.num_posterior_samples, seed_value=run_config.fit.seed + 1,
     )
     _warn_unstable(draws["log_spectral_radius"], run_config)

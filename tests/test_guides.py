@@ -19,13 +19,19 @@ def test_row_transform_puts_row_k_of_every_site_in_block_k():
     raw = np.arange(12.0).reshape(3, 4)
     local = 100 + np.arange(12.0).reshape(3, 4)
     flat = jnp.concatenate([raw.ravel(), local.ravel()])  # numpyro's flat layout: site by site
-    transform = RowTransform(2, 3, 4)
+    transform = RowTransform((4, 4), 3)
     blocks = transform._inverse(flat)
     np.testing.assert_array_equal(blocks, np.concatenate([raw, local], axis=1))
     np.testing.assert_array_equal(transform(blocks), flat)
     batched = jnp.stack([blocks, blocks + 1])
     assert transform(batched).shape == (2, 24)
     assert transform.inverse_shape((24,)) == (3, 8) and transform.forward_shape((5, 3, 8)) == (5, 24)
+    # Sites of other widths (a per-gene vector: one column) join their row's block.
+    decay = 200 + np.arange(3.0)
+    mixed = RowTransform((1, 4), 3)
+    flat = jnp.concatenate([decay, raw.ravel()])
+    np.testing.assert_array_equal(mixed._inverse(flat), np.concatenate([decay[:, None], raw], axis=1))
+    np.testing.assert_array_equal(mixed(mixed._inverse(flat)), flat)
 
 
 def test_auto_guide_is_row_block_for_small_panels_and_mean_field_beyond():
@@ -47,18 +53,24 @@ def test_row_block_guide_couples_entries_of_a_row_only():
     inference = build_inference(structure, config)
     state = inference.svi.init(jax.random.PRNGKey(0), cells)
     params = inference.svi.get_params(state)
-    assert params["row_block_scale_tril"].shape == (4, 8, 8)  # one (raw, log local) block per row
-    # Correlate columns 2 and 3 of row 1 in both sites (block entries 2, 3 and 6, 7) and check
-    # the draws: same row correlated, other rows not, sites back in their (target, source) layout.
+    # Gene k's block, sites in the model's order: interaction_local (4), interaction_raw (4),
+    # log_decay, basal_relative, noise_sd.
+    assert params["row_block_scale_tril"].shape == (4, 11, 11)
+    local, raw_at, decay_at = 0, 4, 8
+    # Correlate columns 2 and 3 of row 1 in both R sites, and gene 1's decay with its raw weight
+    # from gene 2; check the draws: same row correlated, other rows not, sites back in their shapes.
     tril = np.array(params["row_block_scale_tril"])
-    tril[1] = np.eye(8)
-    tril[1, 3, 2] = tril[1, 7, 6] = 1.0
+    tril[1] = np.eye(11)
+    tril[1, raw_at + 3, raw_at + 2] = tril[1, local + 3, local + 2] = tril[1, decay_at, raw_at + 2] = 1.0
     params = {**params, "row_block_scale_tril": jnp.asarray(tril)}
-    draws = inference.global_guide.sample_posterior(jax.random.PRNGKey(1), params, sample_shape=(4000,))
+    draws = inference.guide.sample_posterior(jax.random.PRNGKey(1), params, sample_shape=(4000,))
     raw = np.asarray(draws["interaction_raw"])
-    assert raw.shape == (4000, 4, 4)
+    assert raw.shape == (4000, 4, 4) and draws["log_decay"].shape == (4000, 4)
     assert np.corrcoef(raw[:, 1, 2], raw[:, 1, 3])[0, 1] > 0.6
     assert abs(np.corrcoef(raw[:, 0, 2], raw[:, 0, 3])[0, 1]) < 0.1
     assert abs(np.corrcoef(raw[:, 1, 2], raw[:, 2, 2])[0, 1]) < 0.1
     log_local = np.log(np.asarray(draws["interaction_local"]))
     assert np.corrcoef(log_local[:, 1, 2], log_local[:, 1, 3])[0, 1] > 0.6
+    log_decay = np.asarray(draws["log_decay"])
+    assert np.corrcoef(log_decay[:, 1], raw[:, 1, 2])[0, 1] > 0.6
+    assert abs(np.corrcoef(log_decay[:, 2], raw[:, 1, 2])[0, 1]) < 0.1

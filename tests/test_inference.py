@@ -89,7 +89,7 @@ def svi(problem, request):
     config = problem["config"].replace(fit={"guide": request.param})
     start = time.perf_counter()
     result, inference = fit_svi(problem["cells"], problem["structure"], config, progress=False)
-    draws = draw_globals(inference.global_guide, result.params, problem["structure"], config.model,
+    draws = draw_globals(inference.guide, result.params, problem["structure"], config.model,
                          num_samples=config.fit.num_posterior_samples, seed_value=config.fit.seed + 1)
     print(f"SVI: {time.perf_counter() - start:.1f} s, {result.losses.size} steps, "
           f"final loss {result.losses[-200:].mean():.1f}")

@@ -1,0 +1,111 @@
+"""The per-cell states are integrated out inside the program: each cell's ``log p(y_i | globals)``
+enters as an importance-weighted bound with draws from ``conditional_proposal``.
+
+Checked against a quadrature of the exact marginal on a 2-gene system without interactions (the
+stationary covariance is then diagonal, so the integral is a product of 1-D integrals), and the
+proposal against the closed-form product of the state law and the encoder's pseudo-likelihood.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.handlers import seed, substitute, trace
+from scipy.special import gammaln, logsumexp
+
+from lcd_bayes.config import ModelConfig
+from lcd_bayes.model import CellBatch, Drift, Structure, conditional_proposal, lcd_model
+
+N_GENES = 2
+DECAY = np.array([2.0, 0.5])  # stationary variances 1/(2 D): 0.25 and 1
+BASAL_RELATIVE = np.array([0.3, -0.4])  # stationary means b_rel (R = 0)
+GENE_SCALE = np.array([8.0, 3.0])
+CONCENTRATION = np.array([4.0, 20.0])
+COUNTS = np.array([[0.0, 3.0], [12.0, 1.0], [5.0, 9.0]], dtype=np.float32)
+SIZE_FACTOR = np.array([1.0, 1.3, 0.7], dtype=np.float32)
+
+GLOBALS = {
+    "interaction_scale": jnp.asarray(0.1), "interaction_slab": jnp.asarray(1.0),
+    "interaction_local": jnp.ones((N_GENES, N_GENES)), "interaction_raw": jnp.zeros((N_GENES, N_GENES)),
+    "log_decay": jnp.log(jnp.asarray(DECAY)), "basal_relative": jnp.asarray(BASAL_RELATIVE),
+    "gene_scale": jnp.asarray(GENE_SCALE), "concentration": jnp.asarray(CONCENTRATION),
+}
+
+
+def _structure() -> Structure:
+    # Control cells only: no perturbation labels, so no shift sites.
+    return Structure(design=np.zeros((1, 0), np.float32), targets=np.zeros((0, N_GENES), np.float32),
+                     gene_scale_center=np.log(GENE_SCALE).astype(np.float32), n_cells=len(COUNTS))
+
+
+def _cells() -> CellBatch:
+    return CellBatch(jnp.asarray(COUNTS), jnp.asarray(SIZE_FACTOR), jnp.zeros(len(COUNTS), jnp.int32))
+
+
+def _bound(particles: int, key) -> np.ndarray:
+    """Per-cell log-marginal estimate the program adds to the ELBO."""
+    config = ModelConfig(dt=0.001, n_doublings=18)  # near the continuous-time stationary law
+    model = functools.partial(lcd_model, structure=_structure(), config=config, cell_particles=particles)
+    # A weak pseudo-likelihood keeps the proposal near the state law, which covers each cell's
+    # posterior, so that 4096 draws suffice for the estimate to be near exact.
+    encoder = {"encoder_precision": jnp.full(N_GENES, 0.5), "encoder_hidden_out": jnp.zeros((64, N_GENES))}
+    model_trace = trace(seed(substitute(model, data={**GLOBALS, **encoder}), key)).get_trace(_cells())
+    return np.asarray(model_trace["y"]["fn"].log_factor)
+
+
+def _exact() -> np.ndarray:
+    """log p(y_i) = sum_g log int N(x; b_g, 1/(2 D_g)) NB(y_ig; s_i softplus(x) u_g, phi_g) dx."""
+    x = np.linspace(-12.0, 12.0, 40001)
+    step = x[1] - x[0]
+    out = np.zeros(len(COUNTS))
+    for g in range(N_GENES):
+        var = 1.0 / (2.0 * DECAY[g])
+        log_state = -0.5 * (x - BASAL_RELATIVE[g]) ** 2 / var - 0.5 * np.log(2 * np.pi * var)
+        for i, (y, s) in enumerate(zip(COUNTS[:, g], SIZE_FACTOR)):
+            mean = s * np.logaddexp(0.0, x) * GENE_SCALE[g] + 1e-6
+            phi = CONCENTRATION[g]
+            log_nb = (gammaln(y + phi) - gammaln(phi) - gammaln(y + 1)
+                      + phi * np.log(phi / (phi + mean)) + y * np.log(mean / (phi + mean)))
+            out[i] += logsumexp(log_state + log_nb) + np.log(step)
+    return out
+
+
+def test_importance_bound_tends_to_the_exact_cell_marginal():
+    exact = _exact()
+    keys = jax.random.split(jax.random.PRNGKey(0), 64)
+    averages = {k: np.mean([_bound(k, key) for key in keys[:16 if k > 64 else 64]], axis=0) for k in (1, 16, 4096)}
+    # A lower bound on average, tighter with more particles, and close to exact with many.
+    # (Measured: the 4096-draw estimate within 0.003 nats of the quadrature; 1 draw 0.06-0.29 below.)
+    assert np.all(averages[1] < averages[16]) and np.all(averages[16] < exact + 0.03)
+    assert np.all(averages[1] < exact - 0.03)
+    np.testing.assert_allclose(averages[4096], exact, atol=0.02)
+
+
+def test_conditional_proposal_is_the_state_law_times_the_pseudo_likelihood():
+    covariance = jnp.array([[0.5, 0.2], [0.2, 0.4]])
+    means = jnp.array([[0.3, -1.0]])
+    drift = Drift(jnp.zeros((2, 2)), jnp.zeros((0, 2)), jnp.zeros(2), means, covariance)
+    cells, structure = _cells(), _structure()
+    precision_values = jnp.array([3.0, 0.5])
+
+    def proposal():
+        with numpyro.plate("cells", len(COUNTS)) as idx:
+            return conditional_proposal(cells, idx, structure, ModelConfig(), 8, drift)
+
+    fixed = {"encoder_precision": precision_values, "encoder_linear": jnp.zeros((2, 2)),
+             "encoder_condition_offset": jnp.zeros((1, 2)), "encoder_hidden_out": jnp.zeros((8, 2))}
+    q = seed(substitute(proposal, data=fixed), 0)()
+    # With the encoder's corrections at zero its pseudo-observation is each cell's crude guess.
+    guess = np.log(np.expm1((COUNTS + 0.5) / (SIZE_FACTOR[:, None] * GENE_SCALE)))
+    precision = np.linalg.inv(covariance) + np.diag(precision_values)
+    expected_cov = np.linalg.inv(precision)
+    expected_mean = (expected_cov @ (np.linalg.inv(covariance) @ np.asarray(means[0])[:, None]
+                                     + (np.asarray(precision_values)[:, None] * guess.T))).T
+    for cov in np.asarray(q.covariance_matrix).reshape(-1, 2, 2):  # shared by the cells
+        np.testing.assert_allclose(cov, expected_cov, rtol=1e-4)
+    np.testing.assert_allclose(q.mean, expected_mean, rtol=1e-4, atol=1e-5)
+    assert isinstance(q, dist.MultivariateNormal)
