@@ -12,9 +12,10 @@ from pathlib import Path
 LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
-# "auto" takes the row-block guide up to this many genes (its covariances hold d (2d)^2 / 2
-# numbers: 64 MB at 200 genes, 1 GB at 500) and the mean-field guide beyond.
-ROW_BLOCK_MAX_GENES = 200
+# "auto" takes the row-block guide up to this many genes and the mean-field guide beyond. With
+# the in-program cell marginal, a 100-gene NB fit with the row-block guide went non-finite at
+# step 135 (50 genes: 600 steps fine; mean-field at 100 genes: fine).
+ROW_BLOCK_MAX_GENES = 50
 DRIFTS = ("linear", "nonlinear")
 
 

@@ -62,7 +62,7 @@ class Drift(NamedTuple):
 
 def per_gene(name: str, prior: dist.Distribution):
     """A per-gene parameter, sampled in the ``genes`` plate (the same density as an event of
-    length d) so that the row-block guide can put it in gene k's block."""
+    length d; the plate lets a batched guide give gene k's parameters one block)."""
     with numpyro.plate("genes", prior.batch_shape[-1], dim=-1):
         return numpyro.sample(name, prior)
 
@@ -322,12 +322,18 @@ def conditional_proposal(cells: CellBatch, idx, structure: Structure, config: Mo
     observed = pseudo_observation(cells, idx, structure, config, hidden)
     pseudo_precision = numpyro.param("encoder_precision", jnp.full(structure.n_genes, 10.0),
                                      constraint=dist.constraints.positive)
-    prior_precision = jnp.linalg.inv(drift.covariance)  # (genes, genes) or per condition
-    precision = prior_precision + jnp.diag(pseudo_precision)
-    proposal_tril = jnp.linalg.cholesky(jnp.linalg.inv(precision))
+    # Precision Sigma^-1 + P without inverting Sigma (ill-conditioned in float32 at 100 genes):
+    # with Sigma = L L^T, the covariance is L M^-1 L^T where M = I + L^T P L has eigenvalues >= 1.
+    state_tril = jnp.linalg.cholesky(drift.covariance)  # (genes, genes) or per condition
+    scaled = jnp.sqrt(pseudo_precision)[:, None] * state_tril
+    m_tril = jnp.linalg.cholesky(jnp.eye(structure.n_genes) + jnp.swapaxes(scaled, -1, -2) @ scaled)
+    half = jnp.swapaxes(jax.scipy.linalg.solve_triangular(m_tril, jnp.swapaxes(state_tril, -1, -2), lower=True), -1, -2)
+    covariance = half @ jnp.swapaxes(half, -1, -2)  # L M^-1 L^T
+    # Mean: covariance (Sigma^-1 mu_q + P m_i) = L M^-1 L^-1 mu_q + covariance P m_i.
+    whitened_mean = jax.scipy.linalg.solve_triangular(state_tril, drift.means[..., None], lower=True)
+    prior_part = (half @ jax.scipy.linalg.solve_triangular(m_tril, whitened_mean, lower=True))[..., 0]
     condition = cells.condition[idx]
-    prior_natural = jnp.einsum("...ij,...j->...i", prior_precision, drift.means)  # (conditions, genes)
-    natural = prior_natural[condition] + pseudo_precision * observed
-    tril = condition_factor(proposal_tril, condition)
-    mean = jnp.einsum("...ij,...kj,...k->...i", tril, tril, natural)
+    cell_covariance = condition_factor(covariance, condition)
+    mean = prior_part[condition] + jnp.einsum("...ij,...j->...i", cell_covariance, pseudo_precision * observed)
+    tril = condition_factor(jnp.linalg.cholesky(covariance), condition)
     return dist.MultivariateNormal(mean, scale_tril=tril)

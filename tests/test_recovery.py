@@ -19,11 +19,11 @@ def _coverage(effect, truth: np.ndarray, prob: float) -> float:
 
 
 # Measured with the default model (seed 0; analyses/recovery.py): AUROC of prob_edge gaussian
-# 1.00, nb 0.98-0.99; 50% / 90% HDI coverage of all true effects gaussian 0.56-0.59 / 0.85-0.87,
-# nb 0.70 / 0.84-0.86 (16 importance draws per cell; with a separate cell guide nb was 0.50 / 0.60).
-# The bands are 40-65% and 80-97%. The nb 50% coverage sits above its band because absent
-# edges sit in the horseshoe's spike at 0 (covered ~88% at 50%) while true edges are under-covered
-# (~29%); the test holds the 90% band as stated and allows up to 0.75 at 50%.
+# 1.00, nb 0.98; 50% / 90% HDI coverage of all true effects gaussian 0.53 / 0.82, nb 0.69 / 0.84
+# (16 importance draws per cell; with a separate cell guide nb was 0.50 / 0.60). The issue's
+# bands are 40-65% and 80-97%. The nb 50% coverage sits above its band because absent edges sit
+# in the horseshoe's spike at 0 (covered 87% at 50%) while true edges are under-covered (25%);
+# the test holds the 90% band as stated and allows up to 0.75 at 50%.
 @pytest.mark.slow
 @pytest.mark.parametrize("likelihood, min_auroc, band50, band90", [
     ("gaussian", 0.95, (0.40, 0.65), (0.80, 0.97)),
