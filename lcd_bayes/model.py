@@ -251,7 +251,7 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
         # reached a higher ELBO on simulated counts but explained the cell-to-cell variance by
         # count noise, inflating the self-decay tenfold).
         state_law = dist.MultivariateNormal(drift.means[condition], scale_tril=condition_factor(latent_tril, condition))
-        proposal = conditional_proposal(cells, idx, structure, config, encoder_hidden, drift)
+        proposal = conditional_proposal(cells, idx, structure, config, encoder_hidden, drift, latent_tril)
         key = numpyro.prng_key()
         key = jax.random.PRNGKey(0) if key is None else key  # unseeded traces (shape inference) only
         latent = proposal.sample(key, (cell_particles,))  # (particles, cells, genes), reparameterized
@@ -311,7 +311,7 @@ def pseudo_observation(cells: CellBatch, idx, structure: Structure, config: Mode
 
 
 def conditional_proposal(cells: CellBatch, idx, structure: Structure, config: ModelConfig, hidden: int,
-                         drift: Drift) -> dist.MultivariateNormal:
+                         drift: Drift, state_tril: jax.Array) -> dist.MultivariateNormal:
     """``q(x_i | y_i, globals)``: the state law ``N(mu_q, Sigma)`` of the current global draw
     times a Gaussian pseudo-likelihood ``N(m_i, P^{-1})`` from the encoder, in closed form.
 
@@ -323,8 +323,8 @@ def conditional_proposal(cells: CellBatch, idx, structure: Structure, config: Mo
     pseudo_precision = numpyro.param("encoder_precision", jnp.full(structure.n_genes, 10.0),
                                      constraint=dist.constraints.positive)
     # Precision Sigma^-1 + P without inverting Sigma (ill-conditioned in float32 at 100 genes):
-    # with Sigma = L L^T, the covariance is L M^-1 L^T where M = I + L^T P L has eigenvalues >= 1.
-    state_tril = jnp.linalg.cholesky(drift.covariance)  # (genes, genes) or per condition
+    # with Sigma = L L^T (state_tril: shared or per condition), the covariance is L M^-1 L^T where
+    # M = I + L^T P L has eigenvalues >= 1.
     scaled = jnp.sqrt(pseudo_precision)[:, None] * state_tril
     m_tril = jnp.linalg.cholesky(jnp.eye(structure.n_genes) + jnp.swapaxes(scaled, -1, -2) @ scaled)
     half = jnp.swapaxes(jax.scipy.linalg.solve_triangular(m_tril, jnp.swapaxes(state_tril, -1, -2), lower=True), -1, -2)

@@ -94,7 +94,7 @@ def test_conditional_proposal_is_the_state_law_times_the_pseudo_likelihood():
 
     def proposal():
         with numpyro.plate("cells", len(COUNTS)) as idx:
-            return conditional_proposal(cells, idx, structure, ModelConfig(), 8, drift)
+            return conditional_proposal(cells, idx, structure, ModelConfig(), 8, drift, jnp.linalg.cholesky(covariance))
 
     fixed = {"encoder_precision": precision_values, "encoder_linear": jnp.zeros((2, 2)),
              "encoder_condition_offset": jnp.zeros((1, 2)), "encoder_hidden_out": jnp.zeros((8, 2))}
