@@ -118,6 +118,7 @@ class FitConfig:
     steps_per_chunk: int = 50  # steps fused into one jitted lax.scan between progress updates
     convergence_window: int = 500  # steps compared for the convergence check
     convergence_tol: float = 1e-4  # relative ELBO change between windows that counts as converged
+    convergence_lr_fraction: float = 0.25  # ... and only once the learning rate has decayed this far
     min_steps: int = 1000
     checkpoint_every: int = 500
     num_posterior_samples: int = 500

@@ -54,14 +54,19 @@ def build_inference(structure: Structure, config: RunConfig) -> Inference:
     # globals: the per-cell states are integrated out in the model, the summaries are deterministic.
     hidden_summaries = block(model, hide_fn=lambda site: site.get("type") == "deterministic")
     guide = global_variational_family(hidden_summaries, fit.resolved_guide(structure.n_genes), fit)
-    schedule = optax.warmup_cosine_decay_schedule(
+    schedule = learning_rate_schedule(fit)
+    optimizer = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(fit.clip_norm), optax.adam(schedule)))
+    svi = SVI(model, guide, optimizer, Trace_ELBO())
+    return Inference(svi, model, guide)
+
+
+def learning_rate_schedule(fit):
+    """Warm up to ``learning_rate``, then cosine decay to ``final_lr_fraction`` of it at ``steps``."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=fit.learning_rate * 0.1, peak_value=fit.learning_rate,
         warmup_steps=min(fit.warmup_steps, fit.steps - 1), decay_steps=fit.steps,
         end_value=fit.learning_rate * fit.final_lr_fraction,
     )
-    optimizer = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(fit.clip_norm), optax.adam(schedule)))
-    svi = SVI(model, guide, optimizer, Trace_ELBO())
-    return Inference(svi, model, guide)
 
 
 def has_converged(losses: np.ndarray, window: int, tol: float) -> bool:
@@ -81,6 +86,18 @@ def stays_converged(losses: np.ndarray, fit) -> bool:
     patience = max(1, fit.convergence_window // fit.steps_per_chunk)
     ends = losses.size - fit.steps_per_chunk * np.arange(patience)
     return all(has_converged(losses[:end], fit.convergence_window, fit.convergence_tol) for end in ends)
+
+
+def may_stop_early(losses: np.ndarray, fit) -> bool:
+    """The fit may end before ``steps``: past ``min_steps``, the learning rate already annealed to
+    ``convergence_lr_fraction`` of its peak, and the ELBO flat (``stays_converged``). A flat ELBO
+    at a high learning rate is not enough: the guide's parameters still move by more than the
+    posterior sds of well-determined effects. (A 20-gene Gaussian fit given 24000 steps stopped at
+    step 9450, its loss 1140 nats above a 12000-step fit run to the end, effect |z| 1.49 vs 0.97.)"""
+    if losses.size < fit.min_steps:
+        return False
+    annealed = float(learning_rate_schedule(fit)(losses.size)) <= fit.convergence_lr_fraction * fit.learning_rate
+    return annealed and stays_converged(losses, fit)
 
 
 class Checkpoint(NamedTuple):
@@ -171,7 +188,7 @@ def fit_svi(
             bar.set_postfix(elbo=f"{-chunk_losses.mean():.4g}")
             if checkpoint_path and losses.size % fit.checkpoint_every < fit.steps_per_chunk:
                 save_checkpoint(checkpoint_path, state, losses, fingerprint)
-            converged = losses.size >= fit.min_steps and stays_converged(losses, fit)
+            converged = may_stop_early(losses, fit)
     except KeyboardInterrupt:
         if checkpoint_path:
             save_checkpoint(checkpoint_path, state, losses, fingerprint)

@@ -1,4 +1,5 @@
 """The fit end to end on tiny problems: run folder, reproducibility, resume, failures."""
+import dataclasses
 import json
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import xarray as xr
 
 import lcd_bayes.fit as fit_module
-from lcd_bayes.config import RunConfig
+from lcd_bayes.config import FitConfig, RunConfig
 from lcd_bayes.fit import FitError
 from lcd_bayes.run import fit, load_run
 from lcd_bayes.simulate import simulate
@@ -125,6 +126,16 @@ def test_convergence_check_stops_early_on_a_flat_elbo():
     assert fit_module.has_converged(spiky, window=200, tol=1e-3)
     assert not fit_module.has_converged(falling, window=200, tol=1e-3)
     assert not fit_module.has_converged(flat[:300], window=200, tol=1e-3)  # too short to judge
+
+
+def test_a_flat_elbo_ends_the_fit_only_once_the_learning_rate_has_annealed():
+    flat = 1000 + np.random.default_rng(0).normal(0, 1, 1500)
+    settings = FitConfig(min_steps=1000, convergence_window=200, convergence_tol=1e-3)
+    # At step 1500 of 6000 the cosine schedule is still near its peak: keep going.
+    assert not fit_module.may_stop_early(flat, dataclasses.replace(settings, steps=6000))
+    # At step 1500 of 1600 it has decayed to a few percent of the peak: stop.
+    assert fit_module.may_stop_early(flat, dataclasses.replace(settings, steps=1600))
+    assert not fit_module.may_stop_early(flat, dataclasses.replace(settings, steps=1600, min_steps=1550))
 
 
 @pytest.mark.parametrize("likelihood", ["zip", "poisson", "gaussian"])
