@@ -81,12 +81,14 @@ def test_row_block_guide_couples_entries_of_a_row_only():
     inference = build_inference(structure, config)
     state = inference.svi.init(jax.random.PRNGKey(0), cells)
     params = inference.svi.get_params(state)
-    assert params["row_block_scale_tril"].shape == (4, 8, 8)  # one (log local, raw) block per row
-    # Correlate columns 2 and 3 of row 1 in both sites (block entries 2, 3 and 6, 7) and check
-    # the draws: same row correlated, other rows not, sites back in their (target, source) layout.
+    # One block per row: (log local 4, raw 4, gene k's log decay, basal drift, log noise sd).
+    assert params["row_block_scale_tril"].shape == (4, 11, 11)
+    # Correlate columns 2 and 3 of row 1 in both sites (block entries 2, 3 and 6, 7), and gene 1's
+    # decay with raw[1, 2], and check the draws: same row correlated, other rows not, sites back
+    # in their (target, source) layout.
     tril = np.array(params["row_block_scale_tril"])
-    tril[1] = np.eye(8)
-    tril[1, 3, 2] = tril[1, 7, 6] = 1.0
+    tril[1] = np.eye(11)
+    tril[1, 3, 2] = tril[1, 7, 6] = tril[1, 8, 6] = 1.0
     params = {**params, "row_block_scale_tril": jnp.asarray(tril)}
     draws = inference.guide.sample_posterior(jax.random.PRNGKey(1), params, sample_shape=(4000,))
     raw = np.asarray(draws["interaction_raw"])
@@ -94,5 +96,8 @@ def test_row_block_guide_couples_entries_of_a_row_only():
     assert np.corrcoef(raw[:, 1, 2], raw[:, 1, 3])[0, 1] > 0.6
     assert abs(np.corrcoef(raw[:, 0, 2], raw[:, 0, 3])[0, 1]) < 0.1
     assert abs(np.corrcoef(raw[:, 1, 2], raw[:, 2, 2])[0, 1]) < 0.1
+    log_decay = np.asarray(draws["log_decay"])
+    assert np.corrcoef(log_decay[:, 1], raw[:, 1, 2])[0, 1] > 0.6
+    assert abs(np.corrcoef(log_decay[:, 2], raw[:, 1, 2])[0, 1]) < 0.1
     log_local = np.log(np.asarray(draws["interaction_local"]))
     assert np.corrcoef(log_local[:, 1, 2], log_local[:, 1, 3])[0, 1] > 0.6

@@ -11,25 +11,27 @@ from lcd_bayes.run import fit
 from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
-def _coverage(effect, truth: np.ndarray, prob: float) -> float:
-    """Fraction of the true effects (all ordered pairs) inside the ``prob`` HDI."""
+def _coverage(effect, truth: np.ndarray, prob: float, mask: np.ndarray) -> float:
+    """Fraction of the true effects selected by ``mask`` inside the ``prob`` HDI."""
     interval = az.hdi(effect, prob=prob).transpose("source", "target", "ci_bound").values
     inside = (interval[..., 0] <= truth) & (truth <= interval[..., 1])
-    return float(inside[~np.eye(len(truth), dtype=bool)].mean())
+    return float(inside[mask].mean())
 
 
 # Measured with the default model (seed 0; analyses/recovery.py): AUROC of prob_edge gaussian
-# 1.00, nb 0.98; 50% / 90% HDI coverage of all true effects gaussian 0.53 / 0.82, nb 0.69 / 0.84
-# (16 importance draws per cell; with a separate cell guide nb was 0.50 / 0.60). The issue's
-# bands are 40-65% and 80-97%. The nb 50% coverage sits above its band because absent edges sit
-# in the horseshoe's spike at 0 (covered 87% at 50%) while true edges are under-covered (25%);
-# the test holds the 90% band as stated and allows up to 0.75 at 50%.
+# 1.00, nb 0.99; 50% / 90% HDI coverage of all true effects gaussian 0.57 / 0.85, nb 0.70 / 0.86;
+# of the true edges alone gaussian 0.35 / 0.78, nb 0.28 / 0.66 (before each gene's own parameters
+# joined its row block: 0.23 / 0.67 and 0.25 / 0.63). The issue's bands are 40-65% and 80-97%.
+# The nb 50% coverage sits above its band because absent edges sit in the horseshoe's spike at 0
+# (covered 86% at 50%) while true edges are under-covered; the test holds the 90% band as stated,
+# allows up to 0.75 at 50%, and guards the true edges' 90% coverage against falling back.
 @pytest.mark.slow
-@pytest.mark.parametrize("likelihood, min_auroc, band50, band90", [
-    ("gaussian", 0.95, (0.40, 0.65), (0.80, 0.97)),
-    ("nb", 0.90, (0.40, 0.75), (0.80, 0.97)),
+@pytest.mark.parametrize("likelihood, min_auroc, band50, band90, min_edges90", [
+    ("gaussian", 0.95, (0.40, 0.65), (0.80, 0.97), 0.70),
+    ("nb", 0.90, (0.40, 0.75), (0.80, 0.97), 0.55),
 ])
-def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood, min_auroc, band50, band90):
+def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood, min_auroc, band50, band90,
+                                                                      min_edges90):
     adata = simulate(20, cells_per_condition=200, likelihood=likelihood, seed=0)
     truth = truth_from_uns(adata)["effect"]
     # Size factors from the simulated library sizes: the totals of a 20-gene panel move with the
@@ -41,6 +43,9 @@ def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood,
     scores = edge_recovery(truth, prob_edge, mean)
     assert scores["auroc"] >= min_auroc, scores
     assert scores["sign_accuracy"] >= 0.9, scores
-    coverage = {prob: _coverage(effects["effect"], truth, prob) for prob in (0.5, 0.9)}
+    off = ~np.eye(len(truth), dtype=bool)
+    coverage = {prob: _coverage(effects["effect"], truth, prob, off) for prob in (0.5, 0.9)}
     assert band50[0] <= coverage[0.5] <= band50[1], coverage
     assert band90[0] <= coverage[0.9] <= band90[1], coverage
+    edges90 = _coverage(effects["effect"], truth, 0.9, off & (truth != 0))
+    assert edges90 >= min_edges90, (edges90, coverage)
