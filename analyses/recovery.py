@@ -25,22 +25,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import arviz as az
 import matplotlib.pyplot as plt
 import numpy as np
 
 from lcd_bayes.clipr import clipr_run
 from lcd_bayes.config import load_config
-from lcd_bayes.metrics import edge_recovery, off_diagonal
+from lcd_bayes.metrics import edge_recovery, interval_coverage, off_diagonal
 from lcd_bayes.run import fit
 from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
-
-
-def coverage(effect, truth: np.ndarray, prob: float, mask: np.ndarray) -> float:
-    """Fraction of the true effects selected by ``mask`` inside the ``prob`` HDI."""
-    interval = az.hdi(effect, prob=prob).transpose("source", "target", "ci_bound").values
-    inside = (interval[..., 0] <= truth) & (truth <= interval[..., 1])
-    return float(inside[mask].mean())
 
 
 def score(folder: Path, truth: np.ndarray) -> dict:
@@ -57,13 +49,13 @@ def score(folder: Path, truth: np.ndarray) -> dict:
         "auroc_prob_edge": by_prob["auroc"], "auprc_prob_edge": by_prob["auprc"],
         "auroc_abs_mean": by_mean["auroc"], "auprc_abs_mean": by_mean["auprc"],
         "sign_accuracy": by_mean["sign_accuracy"], "n_edges": by_mean["n_edges"],
-        "coverage50_all": coverage(effect, truth, 0.5, off), "coverage90_all": coverage(effect, truth, 0.9, off),
-        "coverage50_edges": coverage(effect, truth, 0.5, edges),
-        "coverage90_edges": coverage(effect, truth, 0.9, edges),
+        "coverage50_all": interval_coverage(effect, truth, 0.5, off), "coverage90_all": interval_coverage(effect, truth, 0.9, off),
+        "coverage50_edges": interval_coverage(effect, truth, 0.5, edges),
+        "coverage90_edges": interval_coverage(effect, truth, 0.9, edges),
         # Absent edges (true effect 0): a sparse prior's spike at 0 covers them more often than
         # the nominal rate, which lifts the all-pairs numbers above the edges' own.
-        "coverage50_absent": coverage(effect, truth, 0.5, off & ~edges),
-        "coverage90_absent": coverage(effect, truth, 0.9, off & ~edges),
+        "coverage50_absent": interval_coverage(effect, truth, 0.5, off & ~edges),
+        "coverage90_absent": interval_coverage(effect, truth, 0.9, off & ~edges),
         # Why intervals miss the true edges: the posterior mean's error in posterior sds (a
         # calibrated Gaussian posterior has a median |z| of 0.67) and its least-squares slope on
         # the truth (below 1: shrunk toward 0).

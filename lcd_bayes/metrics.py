@@ -1,6 +1,7 @@
 """Scores of causal recovery against a known effect matrix (design section 7)."""
 from __future__ import annotations
 
+import arviz as az
 import numpy as np
 from scipy.stats import rankdata
 
@@ -44,3 +45,11 @@ def edge_recovery(true_effect: np.ndarray, score: np.ndarray, signed_estimate: n
         estimate = off_diagonal(signed_estimate)
         result["sign_accuracy"] = float(np.mean(np.sign(estimate[is_edge]) == np.sign(truth[is_edge])))
     return result
+
+
+def interval_coverage(effect, truth: np.ndarray, prob: float, mask: np.ndarray) -> float:
+    """Fraction of the true effects ``truth[source, target]`` selected by ``mask`` inside the
+    ``prob`` HDI of the posterior ``effect`` (an xarray with dims chain, draw, source, target)."""
+    interval = az.hdi(effect, prob=prob).transpose("source", "target", "ci_bound").values
+    inside = (interval[..., 0] <= truth) & (truth <= interval[..., 1])
+    return float(inside[mask].mean())

@@ -1,21 +1,13 @@
 """Recovery of known causal effects from simulated screens (design section 7 protocol, d = 20,
 every gene perturbed once, 200 cells per condition), with the shipped default model: edges ranked
 by CLIPR's posterior edge probability, and the credible intervals calibrated."""
-import arviz as az
 import numpy as np
 import pytest
 
 from lcd_bayes.clipr import edge_summary, posterior_effects
-from lcd_bayes.metrics import edge_recovery
+from lcd_bayes.metrics import edge_recovery, interval_coverage
 from lcd_bayes.run import fit
 from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
-
-
-def _coverage(effect, truth: np.ndarray, prob: float, mask: np.ndarray) -> float:
-    """Fraction of the true effects selected by ``mask`` inside the ``prob`` HDI."""
-    interval = az.hdi(effect, prob=prob).transpose("source", "target", "ci_bound").values
-    inside = (interval[..., 0] <= truth) & (truth <= interval[..., 1])
-    return float(inside[mask].mean())
 
 
 # Measured with the default model (seed 0; analyses/recovery.py): AUROC of prob_edge gaussian
@@ -44,8 +36,8 @@ def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood,
     assert scores["auroc"] >= min_auroc, scores
     assert scores["sign_accuracy"] >= 0.9, scores
     off = ~np.eye(len(truth), dtype=bool)
-    coverage = {prob: _coverage(effects["effect"], truth, prob, off) for prob in (0.5, 0.9)}
+    coverage = {prob: interval_coverage(effects["effect"], truth, prob, off) for prob in (0.5, 0.9)}
     assert band50[0] <= coverage[0.5] <= band50[1], coverage
     assert band90[0] <= coverage[0.9] <= band90[1], coverage
-    edges90 = _coverage(effects["effect"], truth, 0.9, off & (truth != 0))
+    edges90 = interval_coverage(effects["effect"], truth, 0.9, off & (truth != 0))
     assert edges90 >= min_edges90, (edges90, coverage)
