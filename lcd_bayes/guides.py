@@ -23,8 +23,8 @@ from numpyro.infer.initialization import init_to_median
 # Gene k's block: row k of the horseshoe's raw weights and local scales of R (gene k's inputs)
 # and gene k's own parameters (self-decay, basal drift, observation noise), which trade off
 # against its inputs: a larger decay with larger inputs gives the same mean response. With them
-# the d = 20 true-edge coverage (50%/90%) went 0.23/0.67 -> 0.35/0.78 (Gaussian) and
-# 0.25/0.63 -> 0.28/0.66 (NB). Sites a model does not have are skipped.
+# the d = 20 true-edge coverage (50%/90%) went 0.23/0.67 -> 0.36/0.77 (Gaussian) and
+# 0.25/0.63 -> 0.27/0.65 (NB). Sites a model does not have are skipped.
 ROW_BLOCK_SITES = ("interaction_raw", "interaction_local",
                    "log_decay", "basal_relative", "noise_sd", "gene_scale", "concentration", "gate")
 
@@ -99,7 +99,7 @@ def global_variational_family(model, guide: str, fit):
     ``d (2d)^2 / 2`` parameters instead of the full-rank ``(2 d^2)^2 / 2``; the global scalars
     and the shifts stay mean-field. Measured (README): NUTS-relative sds of the effects 0.63 ->
     0.68 (4 genes); d = 20 Gaussian coverage of the true edges 0.26/0.73 (mean-field) ->
-    0.35/0.78 (50%/90%).
+    0.36/0.77 (50%/90%).
     """
     if guide == "low_rank":
         return AutoLowRankMultivariateNormal(
