@@ -11,6 +11,7 @@ from pathlib import Path
 
 LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
+SCHEMES = ("euler", "trapezoidal")  # as lcd_bayes.stationary.SCHEMES
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
 # "auto" takes the row-block guide up to this many genes and the mean-field guide beyond: its
 # blocks have ~2d + 5 entries each, so its parameters grow as 2 d^3. A 100-gene NB fit ran its
@@ -26,10 +27,16 @@ class ModelConfig:
 
     likelihood: str = "nb"
     link: str = "softplus"
-    dt: float = 0.01  # Euler–Maruyama step of the discretized SDE
+    dt: float = 0.01  # step of the discretized SDE
+    # Linear drift: "trapezoidal" (Crank–Nicolson) chains have the SDE's own stationary law for
+    # any dt (stationary.py); "euler" (Euler–Maruyama) ones have variances 1 / (1 - dt D / 2) too
+    # large, which biased the self-decay by ~1 posterior sd at d = 20 (and by far more for fast
+    # genes; D > 2 / dt has no Euler stationary state at all). The nonlinear drift's particle
+    # simulation and its LNA stay Euler with sim_dt.
+    scheme: str = "trapezoidal"
     n_doublings: int = 16  # Smith doublings: the stationary law after 2**n_doublings steps
     sigma: float = 1.0  # diffusion scale; fixes the time scale of the drift
-    max_spectral_radius: float = 0.9999  # of F = I + dt A; draws beyond are projected back and penalized
+    max_spectral_radius: float = 0.9999  # of the step matrix F; draws beyond are projected back and penalized
     stability_penalty: float = 10.0
     # Regularized horseshoe on off-diagonal drift entries, relative to the target's self-decay.
     interaction_global_scale: float = 0.1
@@ -73,6 +80,8 @@ class ModelConfig:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.off_target not in ("untargeted", "all"):
             raise ValueError(f"off_target must be 'untargeted' or 'all', got {self.off_target!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.link not in LINKS:
             raise ValueError(f"link must be one of {LINKS}, got {self.link!r}")
         if not (0 < self.dt < 1):

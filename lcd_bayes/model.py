@@ -3,7 +3,8 @@
     A = D (R - I),  D = diag(exp(kappa))        drift (= W - D with W = D R); A[k, j]: effect of j on k
     c_p = D (on-target shift on T(p) + sparse off-target shift for labels without modelled target)
     mu_q = -A^{-1} (b + sum_{p in q} c_p)       stationary mean of condition q
-    Sigma = F Sigma F^T + sigma^2 dt I          stationary covariance, F = I + dt A
+    Sigma = F Sigma F^T + Q                     stationary covariance of the discretized SDE
+                                                (trapezoidal: = the SDE's, A Sigma + Sigma A^T + sigma^2 I = 0)
     x_i ~ N(mu_q(i), Sigma)                     latent state of cell i
     y_ig ~ NB(s_i softplus(x_ig) u_g, phi_g)    counts (or ZIP, Poisson; Gaussian integrates x out)
 
@@ -128,7 +129,7 @@ def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
 
     law = stationary_law(
         drift, dt=config.dt, sigma=config.sigma, n_doublings=config.n_doublings,
-        max_spectral_radius=config.max_spectral_radius,
+        max_spectral_radius=config.max_spectral_radius, scheme=config.scheme,
     )
     # A draw without a stationary state was projected onto the stable set (law.projection < 1);
     # the penalty, in nats per cell per unit of spectral abscissa beyond the limit, pushes the
@@ -137,7 +138,7 @@ def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
     numpyro.factor("stability", -config.stability_penalty * structure.n_cells * excess_abscissa)
     numpyro.deterministic("log_spectral_radius", law.log_spectral_radius)
 
-    used_drift = effective_drift(law, config.dt)
+    used_drift = effective_drift(law, config.dt, config.scheme)
     offsets = basal + jnp.asarray(structure.design) @ shift
     means = stationary_means(used_drift, offsets)
     numpyro.deterministic("drift", used_drift)

@@ -277,7 +277,7 @@ def _cells_of_draws(keys, means, drifts, scales, noises, library, *, model, per_
     def one_draw(args):
         mean, drift, scale, noise, draw_key = args
         law = stationary_law(drift, dt=model.dt, sigma=model.sigma, n_doublings=model.n_doublings,
-                             max_spectral_radius=model.max_spectral_radius)
+                             max_spectral_radius=model.max_spectral_radius, scheme=model.scheme)
         tril = jnp.linalg.cholesky(law.covariance)
         return _cells_of_law(draw_key, mean, tril, scale, noise, library, model, per_draw)
 

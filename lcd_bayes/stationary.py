@@ -1,13 +1,24 @@
-"""Stationary law of the Euler–Maruyama-discretized linear SDE.
+"""Stationary law of the discretized linear SDE ``dx = (A x + b + c) dt + sigma dW``.
 
-With drift ``f(x) = A x + b + c`` and step ``dt`` the chain
+With step ``dt`` the chain
 
-    x' = F x + dt (b + c) + sigma sqrt(dt) eps,      F = I + dt A,
+    x' = F x + B (dt (b + c) + sigma sqrt(dt) eps)
 
 has, when the spectral radius of ``F`` is below one, the Gaussian stationary law
-``N(mu, Sigma)`` with ``mu = -A^{-1} (b + c)`` and ``Sigma = F Sigma F^T + sigma^2 dt I``
-(discrete Lyapunov equation). Shift interventions change only ``c``, so ``Sigma`` is shared by
-every condition: one solve per drift, not one per condition.
+``N(mu, Sigma)`` with ``mu = -A^{-1} (b + c)`` and ``Sigma = F Sigma F^T + Q`` (discrete
+Lyapunov equation), for either scheme:
+
+* ``"euler"`` (Euler–Maruyama): ``F = I + dt A``, ``B = I``, ``Q = sigma^2 dt I``. Its ``Sigma``
+  differs from the SDE's by ``O(dt A)``: for a decay ``D`` the variance is ``1 / (1 - dt D / 2)``
+  times too large.
+* ``"trapezoidal"`` (Crank–Nicolson): ``F = (I - dt A / 2)^{-1} (I + dt A / 2)``,
+  ``B = (I - dt A / 2)^{-1}``, so ``Q = sigma^2 dt B B^T = (sigma^2 dt / 4) (F + I) (F + I)^T``.
+  ``F`` is the Cayley transform of ``A``, which maps the continuous Lyapunov equation
+  ``A Sigma + Sigma A^T + sigma^2 I = 0`` onto this discrete one: ``Sigma`` is the SDE's own
+  stationary covariance for every ``dt`` (and every stable ``A`` gives a stable ``F``).
+
+Shift interventions change only ``c``, so ``Sigma`` is shared by every condition: one solve per
+drift, not one per condition.
 
 ``Sigma = sum_t F^t Q (F^t)^T`` is summed by squared Smith doubling: after ``k`` doublings
 ``S_k`` holds the first ``2^k`` terms, using ``P_k = F^(2^k)``:
@@ -35,9 +46,28 @@ class StationaryLaw(NamedTuple):
     transition: jax.Array  # (genes, genes) F actually used (r F)
 
 
-def transition_matrix(drift_matrix: jax.Array, dt: float) -> jax.Array:
-    """``F = I + dt A`` of the Euler–Maruyama step, shape (genes, genes)."""
-    return jnp.eye(drift_matrix.shape[-1], dtype=drift_matrix.dtype) + dt * drift_matrix
+SCHEMES = ("euler", "trapezoidal")
+
+
+def transition_matrix(drift_matrix: jax.Array, dt: float, scheme: str = "euler") -> jax.Array:
+    """``F`` of one step, shape (genes, genes): ``I + dt A`` (Euler) or the Cayley transform
+    ``(I - dt A / 2)^{-1} (I + dt A / 2)`` (trapezoidal)."""
+    eye = jnp.eye(drift_matrix.shape[-1], dtype=drift_matrix.dtype)
+    if scheme == "euler":
+        return eye + dt * drift_matrix
+    if scheme == "trapezoidal":
+        return jnp.linalg.solve(eye - 0.5 * dt * drift_matrix, eye + 0.5 * dt * drift_matrix)
+    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def noise_covariance(transition: jax.Array, dt: float, sigma: float, scheme: str) -> jax.Array:
+    """``Q``, the covariance of one step's noise. The trapezoidal one is written with ``F`` alone
+    (``(I - dt A / 2)^{-1} = (F + I) / 2``) so that it stays exact for a projected ``r F``."""
+    eye = jnp.eye(transition.shape[-1], dtype=transition.dtype)
+    if scheme == "euler":
+        return (sigma**2 * dt) * eye
+    half_sum = transition + eye
+    return (0.25 * sigma**2 * dt) * (half_sum @ half_sum.T)
 
 
 def _normalized_squarings(transition: jax.Array, n_doublings: int):
@@ -70,6 +100,7 @@ def stationary_law(
     sigma: float = 1.0,
     n_doublings: int = 16,
     max_spectral_radius: float = 0.9999,
+    scheme: str = "euler",
 ) -> StationaryLaw:
     """Stationary covariance of the discretized SDE by squared Smith doubling.
 
@@ -78,7 +109,7 @@ def stationary_law(
     stable set (``projection`` reports ``r``, the caller penalizes it). For a stable drift
     ``r = 1`` exactly and the result is the exact discrete stationary covariance.
     """
-    transition = transition_matrix(drift_matrix, dt)
+    transition = transition_matrix(drift_matrix, dt, scheme)
     units, log_norms, final_log_norm = _normalized_squarings(transition, n_doublings)
     log_radius = final_log_norm / 2.0**n_doublings
     log_projection = -jax.nn.relu(log_radius - jnp.log(max_spectral_radius))
@@ -90,17 +121,20 @@ def stationary_law(
         unit, log_scale = unit_and_scale
         return partial_sum + jnp.exp(2.0 * log_scale) * (unit @ partial_sum @ unit.T), None
 
-    noise = (sigma**2 * dt) * jnp.eye(drift_matrix.shape[-1], dtype=drift_matrix.dtype)
+    projection = jnp.exp(log_projection)
+    noise = noise_covariance(projection * transition, dt, sigma, scheme)
     covariance, _ = jax.lax.scan(double, noise, (units, log_scales))
     covariance = 0.5 * (covariance + covariance.T)  # symmetric up to round-off; make it exact
-    projection = jnp.exp(log_projection)
     return StationaryLaw(covariance, log_radius, projection, projection * transition)
 
 
-def effective_drift(law: StationaryLaw, dt: float) -> jax.Array:
-    """The drift matrix ``A = (F - I) / dt`` whose stationary law ``law`` is."""
+def effective_drift(law: StationaryLaw, dt: float, scheme: str = "euler") -> jax.Array:
+    """The drift matrix whose stationary law ``law`` is: ``A = (F - I) / dt`` (Euler) or the
+    inverse Cayley transform ``A = (2 / dt) (F + I)^{-1} (F - I)`` (trapezoidal)."""
     eye = jnp.eye(law.transition.shape[-1], dtype=law.transition.dtype)
-    return (law.transition - eye) / dt
+    if scheme == "euler":
+        return (law.transition - eye) / dt
+    return (2.0 / dt) * jnp.linalg.solve(law.transition + eye, law.transition - eye)
 
 
 def stationary_means(drift_matrix: jax.Array, offsets: jax.Array) -> jax.Array:

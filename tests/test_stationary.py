@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg as sl
 
 from lcd_bayes.stationary import (
-    log_spectral_radius_bound, stationary_law, stationary_means, transition_matrix,
+    effective_drift, log_spectral_radius_bound, stationary_law, stationary_means, transition_matrix,
 )
 
 
@@ -64,6 +64,28 @@ def test_discrete_law_tends_to_continuous_lyapunov_as_dt_shrinks():
     assert errors[-1] < 0.01
 
 
+def test_trapezoidal_law_is_the_continuous_one_for_any_step():
+    """The Cayley-transformed chain's stationary covariance solves the SDE's continuous Lyapunov
+    equation exactly, whatever dt (Euler's error grows with dt), and its effective drift is A."""
+    drift = stable_drift(5, 2)
+    continuous = sl.solve_continuous_lyapunov(drift.astype(np.float64), -(1.3**2) * np.eye(5))
+    for dt in (0.01, 0.1, 0.5):
+        n_doublings = int(np.ceil(np.log2(60.0 / dt)))
+        law = stationary_law(jnp.asarray(drift), dt=dt, sigma=1.3, n_doublings=n_doublings, scheme="trapezoidal")
+        np.testing.assert_allclose(law.covariance, continuous, rtol=1e-3, atol=1e-4 * np.abs(continuous).max())
+        np.testing.assert_allclose(effective_drift(law, dt, "trapezoidal"), drift, atol=1e-3)
+        euler = stationary_law(jnp.asarray(drift), dt=dt, sigma=1.3, n_doublings=n_doublings)
+        assert np.abs(np.asarray(euler.covariance) - continuous).max() > 5e-3 * np.abs(continuous).max()
+
+
+def test_trapezoidal_projection_keeps_an_unstable_drift_finite():
+    drift = stable_drift(4, 4) + 3.0 * np.eye(4, dtype=np.float32)
+    law = stationary_law(jnp.asarray(drift), dt=0.01, scheme="trapezoidal")
+    assert float(law.log_spectral_radius) > 0 and float(law.projection) < 1.0
+    assert np.all(np.isfinite(np.asarray(law.covariance)))
+    assert np.all(np.linalg.eigvalsh(np.asarray(law.covariance, np.float64)) > 0)
+
+
 def test_spectral_radius_bound_is_tight_and_from_above():
     drift = stable_drift(8, 3)
     transition = np.eye(8) + 0.02 * drift
@@ -87,3 +109,12 @@ def test_gradients_are_finite_even_for_unstable_drift():
     drift = jnp.asarray(stable_drift(4, 5) + 3.0 * np.eye(4, dtype=np.float32))
     grad = jax.grad(lambda a: stationary_law(a, dt=0.01).covariance.sum() - jnp.log(stationary_law(a, dt=0.01).projection))(drift)
     assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_unknown_scheme_is_refused_with_the_choices():
+    from lcd_bayes.config import ModelConfig
+
+    with pytest.raises(ValueError, match="euler"):
+        ModelConfig(scheme="runge_kutta")
+    with pytest.raises(ValueError, match="trapezoidal"):
+        transition_matrix(jnp.eye(2), 0.01, "runge_kutta")
