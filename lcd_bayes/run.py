@@ -166,7 +166,12 @@ def _warn_unstable(log_radius: np.ndarray, config: RunConfig) -> None:
         warnings.warn(
             f"{unstable:.1%} of posterior drift draws sat at the stability limit (their stationary law "
             "was computed from the drift projected onto the stable set); interpret them with care "
-            "and consider a smaller [model] dt or more steps",
+            "and consider more [fit] steps"
+            # Euler chains also hit the limit through fast genes (self-decay > 2 / dt); the
+            # trapezoidal one only through modes slower than -log(max_spectral_radius) / dt.
+            + (" or a smaller [model] dt" if config.model.scheme == "euler" else
+               f" or, if genes truly relax this slowly, a [model] max_spectral_radius closer to 1 "
+               f"(now {config.model.max_spectral_radius})"),
             stacklevel=3,
         )
 

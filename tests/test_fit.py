@@ -152,3 +152,13 @@ def test_shipped_config_is_the_default():
     from lcd_bayes.config import load_config
 
     assert load_config("models/lcd_linear.toml") == RunConfig()
+
+
+def test_stability_warning_names_the_remedy_of_the_scheme():
+    from lcd_bayes.run import _warn_unstable
+
+    at_limit = np.zeros(10)  # log spectral radius 0: every draw projected
+    with pytest.warns(UserWarning, match="100.0% of posterior drift draws.*max_spectral_radius closer to 1"):
+        _warn_unstable(at_limit, RunConfig())
+    with pytest.warns(UserWarning, match=r"smaller \[model\] dt"):
+        _warn_unstable(at_limit, RunConfig().replace(model={"scheme": "euler"}))
