@@ -26,7 +26,7 @@ import numpyro.distributions as dist
 
 from .config import ModelConfig
 from .drift_nonlinear import stationary_law_nonlinear
-from .stationary import effective_drift, stationary_law, stationary_means
+from .stationary import effective_drift, excess_abscissa, stationary_law, stationary_means
 
 
 class CellBatch(NamedTuple):
@@ -134,11 +134,10 @@ def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
     # A draw without a stationary state was projected onto the stable set (law.projection < 1);
     # the penalty, in nats per cell per unit of spectral abscissa beyond the limit, pushes the
     # posterior away from there so that projected draws stay rare (and are counted after the fit).
-    excess_abscissa = -jnp.log(law.projection) / config.dt
-    numpyro.factor("stability", -config.stability_penalty * structure.n_cells * excess_abscissa)
+    numpyro.factor("stability", -config.stability_penalty * structure.n_cells * excess_abscissa(law))
     numpyro.deterministic("log_spectral_radius", law.log_spectral_radius)
 
-    used_drift = effective_drift(law, config.dt, config.scheme)
+    used_drift = effective_drift(law, config.scheme)
     offsets = basal + jnp.asarray(structure.design) @ shift
     means = stationary_means(used_drift, offsets)
     numpyro.deterministic("drift", used_drift)
@@ -173,9 +172,9 @@ def nonlinear_stationary(structure: Structure, config: ModelConfig, decay, relat
     # As the linear model: a fixed point whose linearized chain has no stationary state was
     # projected onto the stable set; penalize the worst condition's excess abscissa. Diverged
     # particles (the condition fell back to its LNA) cost as much as a unit of excess.
-    excess_abscissa = jnp.max(-jnp.log(law.projection)) / config.sim_dt
+    excess = jnp.max(-jnp.log(law.projection)) / config.sim_dt
     diverged = jnp.mean(law.n_diverged > 0)
-    numpyro.factor("stability", -config.stability_penalty * structure.n_cells * (excess_abscissa + diverged))
+    numpyro.factor("stability", -config.stability_penalty * structure.n_cells * (excess + diverged))
     numpyro.deterministic("log_spectral_radius", jnp.max(law.log_spectral_radius))
     numpyro.deterministic("fixed_point_residual", jnp.max(law.residual))
     numpyro.deterministic("n_diverged", jnp.sum(law.n_diverged))

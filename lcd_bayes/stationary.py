@@ -44,30 +44,46 @@ class StationaryLaw(NamedTuple):
     log_spectral_radius: jax.Array  # () upper bound on log rho(F) of the drift as given
     projection: jax.Array  # () factor r <= 1 applied to F to keep it stable (1 = untouched)
     transition: jax.Array  # (genes, genes) F actually used (r F)
+    step: jax.Array  # () time one step of F spans (``step_time``)
 
 
 SCHEMES = ("euler", "trapezoidal")
 
 
+def step_time(drift_matrix: jax.Array, dt: float, scheme: str = "euler") -> jax.Array:
+    """The time ``tau`` one step spans: ``dt`` (Euler); trapezoidal, ``dt`` capped at ``1 / b``
+    with ``b = sqrt(||A||_1 ||A||_inf) >= ||A||_2``, so that ``||tau A / 2|| <= 1/2`` keeps
+    ``I - tau A / 2`` well conditioned and ``F`` away from ``-I`` for any draw, stable or not.
+    (Uncapped, a wild draw in the early steps of a 100-gene fit made that solve singular and the
+    loss infinite at step 508.) Any ``tau`` gives the SDE's covariance; a cap only shortens the
+    ``2^n_doublings``-step horizon of draws with ``b > 1 / dt``."""
+    if scheme == "euler":
+        return jnp.asarray(dt, drift_matrix.dtype)
+    magnitude = jnp.abs(drift_matrix)
+    bound = jnp.sqrt(jnp.max(jnp.sum(magnitude, axis=0)) * jnp.max(jnp.sum(magnitude, axis=1)))
+    return jnp.minimum(dt, 1.0 / jnp.maximum(bound, 1e-30))
+
+
 def transition_matrix(drift_matrix: jax.Array, dt: float, scheme: str = "euler") -> jax.Array:
     """``F`` of one step, shape (genes, genes): ``I + dt A`` (Euler) or the Cayley transform
-    ``(I - dt A / 2)^{-1} (I + dt A / 2)`` (trapezoidal)."""
+    ``(I - tau A / 2)^{-1} (I + tau A / 2)`` with ``tau = step_time(A, dt)`` (trapezoidal)."""
     eye = jnp.eye(drift_matrix.shape[-1], dtype=drift_matrix.dtype)
     if scheme == "euler":
         return eye + dt * drift_matrix
     if scheme == "trapezoidal":
-        return jnp.linalg.solve(eye - 0.5 * dt * drift_matrix, eye + 0.5 * dt * drift_matrix)
+        half = 0.5 * step_time(drift_matrix, dt, scheme) * drift_matrix
+        return jnp.linalg.solve(eye - half, eye + half)
     raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
-def noise_covariance(transition: jax.Array, dt: float, sigma: float, scheme: str) -> jax.Array:
+def noise_covariance(transition: jax.Array, step, sigma: float, scheme: str) -> jax.Array:
     """``Q``, the covariance of one step's noise. The trapezoidal one is written with ``F`` alone
-    (``(I - dt A / 2)^{-1} = (F + I) / 2``) so that it stays exact for a projected ``r F``."""
+    (``(I - tau A / 2)^{-1} = (F + I) / 2``) so that it stays exact for a projected ``r F``."""
     eye = jnp.eye(transition.shape[-1], dtype=transition.dtype)
     if scheme == "euler":
-        return (sigma**2 * dt) * eye
+        return (sigma**2 * step) * eye
     half_sum = transition + eye
-    return (0.25 * sigma**2 * dt) * (half_sum @ half_sum.T)
+    return (0.25 * sigma**2 * step) * (half_sum @ half_sum.T)
 
 
 def _normalized_squarings(transition: jax.Array, n_doublings: int):
@@ -122,19 +138,26 @@ def stationary_law(
         return partial_sum + jnp.exp(2.0 * log_scale) * (unit @ partial_sum @ unit.T), None
 
     projection = jnp.exp(log_projection)
-    noise = noise_covariance(projection * transition, dt, sigma, scheme)
+    step = step_time(drift_matrix, dt, scheme)
+    noise = noise_covariance(projection * transition, step, sigma, scheme)
     covariance, _ = jax.lax.scan(double, noise, (units, log_scales))
     covariance = 0.5 * (covariance + covariance.T)  # symmetric up to round-off; make it exact
-    return StationaryLaw(covariance, log_radius, projection, projection * transition)
+    return StationaryLaw(covariance, log_radius, projection, projection * transition, step)
 
 
-def effective_drift(law: StationaryLaw, dt: float, scheme: str = "euler") -> jax.Array:
-    """The drift matrix whose stationary law ``law`` is: ``A = (F - I) / dt`` (Euler) or the
-    inverse Cayley transform ``A = (2 / dt) (F + I)^{-1} (F - I)`` (trapezoidal)."""
+def effective_drift(law: StationaryLaw, scheme: str = "euler") -> jax.Array:
+    """The drift matrix whose stationary law ``law`` is: ``A = (F - I) / tau`` (Euler) or the
+    inverse Cayley transform ``A = (2 / tau) (F + I)^{-1} (F - I)`` (trapezoidal)."""
     eye = jnp.eye(law.transition.shape[-1], dtype=law.transition.dtype)
     if scheme == "euler":
-        return (law.transition - eye) / dt
-    return (2.0 / dt) * jnp.linalg.solve(law.transition + eye, law.transition - eye)
+        return (law.transition - eye) / law.step
+    return (2.0 / law.step) * jnp.linalg.solve(law.transition + eye, law.transition - eye)
+
+
+def excess_abscissa(law: StationaryLaw) -> jax.Array:
+    """How far beyond the stability limit the drift's spectral abscissa was, in rate units:
+    ``-log r / tau`` (0 for a draw left untouched)."""
+    return -jnp.log(law.projection) / law.step
 
 
 def stationary_means(drift_matrix: jax.Array, offsets: jax.Array) -> jax.Array:

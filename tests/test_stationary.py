@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg as sl
 
 from lcd_bayes.stationary import (
-    effective_drift, log_spectral_radius_bound, stationary_law, stationary_means, transition_matrix,
+    effective_drift, excess_abscissa, log_spectral_radius_bound, stationary_law, stationary_means, transition_matrix,
 )
 
 
@@ -73,16 +73,25 @@ def test_trapezoidal_law_is_the_continuous_one_for_any_step():
         n_doublings = int(np.ceil(np.log2(60.0 / dt)))
         law = stationary_law(jnp.asarray(drift), dt=dt, sigma=1.3, n_doublings=n_doublings, scheme="trapezoidal")
         np.testing.assert_allclose(law.covariance, continuous, rtol=1e-3, atol=1e-4 * np.abs(continuous).max())
-        np.testing.assert_allclose(effective_drift(law, dt, "trapezoidal"), drift, atol=1e-3)
+        np.testing.assert_allclose(effective_drift(law, "trapezoidal"), drift, atol=1e-3)
         euler = stationary_law(jnp.asarray(drift), dt=dt, sigma=1.3, n_doublings=n_doublings)
         assert np.abs(np.asarray(euler.covariance) - continuous).max() > 5e-3 * np.abs(continuous).max()
 
 
-def test_trapezoidal_projection_keeps_an_unstable_drift_finite():
-    drift = stable_drift(4, 4) + 3.0 * np.eye(4, dtype=np.float32)
-    law = stationary_law(jnp.asarray(drift), dt=0.01, scheme="trapezoidal")
+@pytest.mark.parametrize("unstable_eigenvalue", [3.0, 200.0, 5000.0])
+def test_trapezoidal_projection_keeps_an_unstable_drift_finite(unstable_eigenvalue):
+    """Also at 2 / dt = 200, where I - dt A / 2 would be singular without the step cap."""
+    drift = np.diag(np.array([unstable_eigenvalue, -1.0, -2.0, -3.0], np.float32))
+    drift[1, 0], drift[2, 1] = 0.5, -0.7
+
+    def penalized(a):
+        law = stationary_law(a, dt=0.01, scheme="trapezoidal")
+        return law.covariance.sum() + excess_abscissa(law) + effective_drift(law, "trapezoidal").sum(), law
+
+    (value, law), grad = jax.value_and_grad(penalized, has_aux=True)(jnp.asarray(drift))
     assert float(law.log_spectral_radius) > 0 and float(law.projection) < 1.0
-    assert np.all(np.isfinite(np.asarray(law.covariance)))
+    assert float(excess_abscissa(law)) > 0
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
     assert np.all(np.linalg.eigvalsh(np.asarray(law.covariance, np.float64)) > 0)
 
 
