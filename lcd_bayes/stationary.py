@@ -15,7 +15,9 @@ Lyapunov equation), for either scheme:
   ``B = (I - dt A / 2)^{-1}``, so ``Q = sigma^2 dt B B^T = (sigma^2 dt / 4) (F + I) (F + I)^T``.
   ``F`` is the Cayley transform of ``A``, which maps the continuous Lyapunov equation
   ``A Sigma + Sigma A^T + sigma^2 I = 0`` onto this discrete one: ``Sigma`` is the SDE's own
-  stationary covariance for every ``dt`` (and every stable ``A`` gives a stable ``F``).
+  stationary covariance for every ``dt`` (and every stable ``A`` gives a stable ``F``). For a
+  draw with a huge ``A`` the step shrinks below ``dt`` (``step_time``) so that ``I - dt A / 2``
+  stays invertible; the covariance is the same.
 
 Shift interventions change only ``c``, so ``Sigma`` is shared by every condition: one solve per
 drift, not one per condition.
