@@ -11,7 +11,7 @@ from pathlib import Path
 
 LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
-SCHEMES = ("euler", "trapezoidal")  # as lcd_bayes.stationary.SCHEMES
+SCHEMES = ("euler", "trapezoidal")  # of the linear drift's stationary law (lcd_bayes.stationary)
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
 # "auto" takes the row-block guide up to this many genes and the mean-field guide beyond: its
 # blocks have ~2d + 5 entries each, so its parameters grow as 2 d^3. A 100-gene NB fit ran its

@@ -38,6 +38,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .config import SCHEMES
+
 
 class StationaryLaw(NamedTuple):
     """Gaussian stationary law shared by all conditions of one drift draw."""
@@ -49,9 +51,6 @@ class StationaryLaw(NamedTuple):
     step: jax.Array  # () time one step of F spans (``step_time``)
 
 
-SCHEMES = ("euler", "trapezoidal")
-
-
 def step_time(drift_matrix: jax.Array, dt: float, scheme: str = "euler") -> jax.Array:
     """The time ``tau`` one step spans: ``dt`` (Euler); trapezoidal, ``dt`` capped at ``1 / b``
     with ``b = sqrt(||A||_1 ||A||_inf) >= ||A||_2``, so that ``||tau A / 2|| <= 1/2`` keeps
@@ -59,6 +58,8 @@ def step_time(drift_matrix: jax.Array, dt: float, scheme: str = "euler") -> jax.
     (Uncapped, a wild draw in the early steps of a 100-gene fit made that solve singular and the
     loss infinite at step 508.) Any ``tau`` gives the SDE's covariance; a cap only shortens the
     ``2^n_doublings``-step horizon of draws with ``b > 1 / dt``."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if scheme == "euler":
         return jnp.asarray(dt, drift_matrix.dtype)
     magnitude = jnp.abs(drift_matrix)
@@ -69,13 +70,16 @@ def step_time(drift_matrix: jax.Array, dt: float, scheme: str = "euler") -> jax.
 def transition_matrix(drift_matrix: jax.Array, dt: float, scheme: str = "euler") -> jax.Array:
     """``F`` of one step, shape (genes, genes): ``I + dt A`` (Euler) or the Cayley transform
     ``(I - tau A / 2)^{-1} (I + tau A / 2)`` with ``tau = step_time(A, dt)`` (trapezoidal)."""
+    return _transition(drift_matrix, step_time(drift_matrix, dt, scheme), scheme)
+
+
+def _transition(drift_matrix: jax.Array, step: jax.Array, scheme: str) -> jax.Array:
+    """``F`` for a step of time ``step`` already chosen by ``step_time``."""
     eye = jnp.eye(drift_matrix.shape[-1], dtype=drift_matrix.dtype)
     if scheme == "euler":
-        return eye + dt * drift_matrix
-    if scheme == "trapezoidal":
-        half = 0.5 * step_time(drift_matrix, dt, scheme) * drift_matrix
-        return jnp.linalg.solve(eye - half, eye + half)
-    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        return eye + step * drift_matrix
+    half = 0.5 * step * drift_matrix
+    return jnp.linalg.solve(eye - half, eye + half)
 
 
 def noise_covariance(transition: jax.Array, step, sigma: float, scheme: str) -> jax.Array:
@@ -127,7 +131,8 @@ def stationary_law(
     stable set (``projection`` reports ``r``, the caller penalizes it). For a stable drift
     ``r = 1`` exactly and the result is the exact discrete stationary covariance.
     """
-    transition = transition_matrix(drift_matrix, dt, scheme)
+    step = step_time(drift_matrix, dt, scheme)
+    transition = _transition(drift_matrix, step, scheme)
     units, log_norms, final_log_norm = _normalized_squarings(transition, n_doublings)
     log_radius = final_log_norm / 2.0**n_doublings
     log_projection = -jax.nn.relu(log_radius - jnp.log(max_spectral_radius))
@@ -140,7 +145,6 @@ def stationary_law(
         return partial_sum + jnp.exp(2.0 * log_scale) * (unit @ partial_sum @ unit.T), None
 
     projection = jnp.exp(log_projection)
-    step = step_time(drift_matrix, dt, scheme)
     noise = noise_covariance(projection * transition, step, sigma, scheme)
     covariance, _ = jax.lax.scan(double, noise, (units, log_scales))
     covariance = 0.5 * (covariance + covariance.T)  # symmetric up to round-off; make it exact
