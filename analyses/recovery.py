@@ -117,6 +117,7 @@ def seed_means(rows: list[dict]) -> list[dict]:
 
 
 def main(args):
+    config = load_config(args.config).replace(fit={"guide": args.guide}).replace(**overrides(args.set))
     rows = []
     for genes in args.genes:
         for likelihood in args.likelihoods:
@@ -128,7 +129,6 @@ def main(args):
                     start = time.perf_counter()
                     with tempfile.TemporaryDirectory() as tmp:
                         folder = Path(args.keep or tmp) / f"run_d{genes}_{likelihood}_{fraction}_seed{seed}"
-                        config = load_config(args.config).replace(fit={"guide": args.guide}).replace(**overrides(args.set))
                         run = fit(adata, folder, config=config, likelihood=likelihood, seed=seed,
                                   size_factor_key=LIBRARY_SIZE_KEY, progress=False)
                         row = {"genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
@@ -137,13 +137,14 @@ def main(args):
                                **score(folder, truth), "seconds": time.perf_counter() - start}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+    means = seed_means(rows)
     if len(args.seed) > 1:
-        for row in seed_means(rows):
+        for row in means:
             print("mean over seeds:", json.dumps(row), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
-    plot(seed_means(rows), out.with_suffix(".png"))
+    plot(means, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
