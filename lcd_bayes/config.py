@@ -13,6 +13,7 @@ LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
 SCHEMES = ("euler", "trapezoidal")  # of the linear drift's stationary law (lcd_bayes.stationary)
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
+REFINEMENTS = ("none", "nuts")
 # "auto" takes the row-block guide up to this many genes and the mean-field guide beyond: its
 # blocks have ~2d + 5 entries each, so its parameters grow as 2 d^3. A 100-gene NB fit ran its
 # 6000 steps finite once the guide's log q and the horseshoe's shrunk scale were made stable in
@@ -132,6 +133,11 @@ class FitConfig:
     min_steps: int = 1000
     checkpoint_every: int = 500
     num_posterior_samples: int = 500
+    # After SVI: "nuts" replaces the guide's draws by a NUTS chain on the same program, whitened
+    # by the guide (lcd_bayes.refine): calibrated intervals, at minutes per 20 genes (Gaussian).
+    refine: str = "none"
+    refine_warmup: int = 300  # NUTS adaptation steps; the chain then keeps num_posterior_samples draws
+    refine_max_tree_depth: int = 8
     seed: int = 0
 
     def resolved_guide(self, n_genes: int) -> str:
@@ -145,6 +151,10 @@ class FitConfig:
             raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
         if self.steps < 1 or self.steps_per_chunk < 1:
             raise ValueError("steps and steps_per_chunk must be positive")
+        if self.refine not in REFINEMENTS:
+            raise ValueError(f"refine must be one of {REFINEMENTS}, got {self.refine!r}")
+        if self.refine_warmup < 1 or self.refine_max_tree_depth < 1:
+            raise ValueError("refine_warmup and refine_max_tree_depth must be positive")
         if self.cell_particles < 1:
             raise ValueError(f"cell_particles must be a positive integer, got {self.cell_particles}")
 

@@ -45,11 +45,18 @@ class Inference(NamedTuple):
     guide: object  # over the global (drift, shift and noise) parameters; the cells are integrated out
 
 
+def program(structure: Structure, config: RunConfig, *, minibatch: bool = True):
+    """The model with the screen's structure bound: ``program(...)(cells)``. With ``minibatch``
+    (SVI) it subsamples ``[fit] batch_size`` cells; without (the refining chain) it sees them all."""
+    fit = config.fit
+    batch_size = fit.batch_size if minibatch and fit.batch_size < structure.n_cells else None
+    return functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size,
+                             cell_particles=fit.cell_particles, encoder_hidden=fit.encoder_hidden)
+
+
 def build_inference(structure: Structure, config: RunConfig) -> Inference:
     fit = config.fit
-    batch_size = fit.batch_size if fit.batch_size < structure.n_cells else None
-    model = functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size,
-                              cell_particles=fit.cell_particles, encoder_hidden=fit.encoder_hidden)
+    model = program(structure, config)
     # A Gaussian guide (row-block, mean-field or low-rank; see global_variational_family) over the
     # globals: the per-cell states are integrated out in the model, the summaries are deterministic.
     hidden_summaries = block(model, hide_fn=lambda site: site.get("type") == "deterministic")

@@ -64,6 +64,12 @@ def draw_globals(guide, params: dict, structure: Structure, model_config, *, num
     of size draws x conditions x genes x genes.
     """
     latent = guide.sample_posterior(jax.random.PRNGKey(seed_value), params, sample_shape=(num_samples,))
+    return derive_globals(latent, structure, model_config, chunk_size=chunk_size)
+
+
+def derive_globals(latent: dict, structure: Structure, model_config, *, chunk_size: int = 64) -> dict[str, np.ndarray]:
+    """``draw_globals`` for given draws of the latent sites (the guide's, or a refining chain's)."""
+    latent = {name: jnp.asarray(value) for name, value in latent.items()}
     off_diagonal = 1.0 - jnp.eye(structure.n_genes)
 
     def derived(draw):
