@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
-from numpyro.handlers import block, seed, substitute
+from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import initialize_model
 
@@ -42,6 +42,21 @@ class Refinement(NamedTuple):
     divergences: int
     mean_tree_size: float  # leapfrog steps per draw; 2**max_tree_depth - 1 means the depth cap bound
     seconds: float
+
+
+def check_latent_dimension(model, cells) -> int:
+    """The number of unconstrained latent dimensions the chain would sample; refuses, before any
+    fitting is spent, a model too large for the dense whitening."""
+    sites = trace(seed(model, 0)).get_trace(type(cells)(*(jnp.asarray(a) for a in cells)))
+    latent_dim = sum(int(np.size(site["value"])) for site in sites.values()
+                     if site["type"] == "sample" and not site["is_observed"])
+    if latent_dim > MAX_LATENT_DIM:
+        raise ValueError(
+            f'[fit] refine = "nuts" whitens with the dense covariance of the guide, which needs at most '
+            f"{MAX_LATENT_DIM} latent dimensions (about 40 genes); this model has {latent_dim}. "
+            'Use refine = "none" (the guide\'s posterior), or fewer genes (--n-top-genes).'
+        )
+    return latent_dim
 
 
 def full_data_potential(model, params: dict, cells, key):
@@ -72,13 +87,7 @@ def refine_with_nuts(model, guide, params: dict, cells, *, num_warmup: int, num_
     start = time.perf_counter()
     key_potential, key_guide, key_chain = jax.random.split(jax.random.PRNGKey(seed_value), 3)
     potential, unravel, sites = full_data_potential(model, params, cells, key_potential)
-    latent_dim = ravel_pytree({name: site["value"] for name, site in sites.items()})[0].size
-    if latent_dim > MAX_LATENT_DIM:
-        raise ValueError(
-            f'[fit] refine = "nuts" whitens with the dense covariance of the guide, which needs at most '
-            f"{MAX_LATENT_DIM} latent dimensions (about 40 genes); this model has {latent_dim}. "
-            'Use refine = "none" (the guide\'s posterior), or fewer genes (--n-top-genes).'
-        )
+    latent_dim = check_latent_dimension(model, cells)
     # Enough guide draws that the sample covariance is a good whitening (its own noise ~1/sqrt(n)).
     guide_draws = guide.sample_posterior(key_guide, params, sample_shape=(max(2000, 4 * latent_dim),))
     flat = unconstrained(guide_draws, sites)

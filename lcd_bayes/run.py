@@ -30,7 +30,7 @@ from .drift_nonlinear import check_fitted_stationarity
 from .fit import FitResult, fit_svi, program
 from .model import CellBatch, Structure, link
 from .posterior import Coords, derive_globals, draw_globals, load_datatree, save_datatree, to_datatree
-from .refine import refine_with_nuts
+from .refine import check_latent_dimension, refine_with_nuts
 
 
 class FittedRun(NamedTuple):
@@ -103,6 +103,10 @@ def fit(
     )
     if progress:
         print(summarize(data), flush=True)
+    structure = structure_of(data, run_config)
+    cells = CellBatch(data.counts, data.size_factor, data.condition)
+    if run_config.fit.refine == "nuts":  # refuse a model too large to refine before fitting it
+        check_latent_dimension(program(structure, run_config), cells)
     folder = Path(out) if out is not None else None
     if folder is not None:
         if (folder / "posterior.nc").exists():
@@ -114,8 +118,6 @@ def fit(
         (folder / "config.toml").write_text(run_config.to_toml())
         (folder / "data.json").write_text(json.dumps(_data_record(data), indent=1))
 
-    structure = structure_of(data, run_config)
-    cells = CellBatch(data.counts, data.size_factor, data.condition)
     result, inference = fit_svi(
         cells, structure, run_config,
         checkpoint_path=folder / "checkpoint.pkl" if folder else None,

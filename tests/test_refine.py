@@ -73,6 +73,15 @@ def test_too_many_latent_dimensions_is_refused_with_a_remedy(toy, monkeypatch):
                                 max_tree_depth=3, seed_value=0, progress=False)
 
 
+def test_fit_refuses_a_model_too_large_to_refine_before_fitting(monkeypatch, tmp_path):
+    monkeypatch.setattr(refine, "MAX_LATENT_DIM", 10)
+    adata = simulate(4, cells_per_condition=20, likelihood="gaussian", seed=0)
+    with pytest.raises(ValueError, match=r"at most 10 latent dimensions.*this model has \d+"):
+        fit(adata, tmp_path / "run", config=RunConfig().replace(model={"likelihood": "gaussian"}), refine="nuts",
+            size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written, no SVI spent
+
+
 def test_unknown_refinement_is_rejected():
     with pytest.raises(ValueError, match="refine must be one of"):
         RunConfig().replace(fit={"refine": "hmc"})
