@@ -102,3 +102,21 @@ def test_refined_fit_says_how_it_was_made_and_covers_the_truth():
     truth = truth_from_uns(adata)["drift"]
     z = ((posterior["drift"].mean(("chain", "draw")) - truth) / posterior["drift"].std(("chain", "draw"))).values
     assert np.all(np.abs(z) < 3.0), f"refined drift mean vs truth, in posterior sds:\n{np.round(z, 2)}"
+
+
+def test_a_failed_chain_is_discarded_for_the_guide_with_a_warning(monkeypatch):
+    """A chain that diverges on most draws has left the fitted region (it happened on a half-perturbed
+    screen): the run must keep the guide's draws and say so, not return the chain's."""
+    import lcd_bayes.run as run_module
+
+    def failing_chain(model, guide, params, cells, *, num_samples, **kwargs):
+        return refine.Refinement(latent={}, divergences=num_samples // 2, mean_tree_size=255.0, seconds=1.0)
+
+    monkeypatch.setattr(run_module, "refine_with_nuts", failing_chain)
+    adata = simulate(4, cells_per_condition=50, likelihood="gaussian", seed=0)
+    config = RunConfig().replace(model={"likelihood": "gaussian"}, fit={"steps": 200, "num_posterior_samples": 40})
+    with pytest.warns(UserWarning, match="NUTS refinement failed: 20 of 40 draws diverged"):
+        run = fit(adata, config=config, refine="nuts", size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    posterior = run.posterior["posterior"]
+    assert posterior.attrs["inference"] == "SVI" and posterior.attrs["nuts_refinement"].startswith("failed")
+    assert posterior["drift"].sizes["draw"] == 40 and np.all(np.isfinite(posterior["drift"].values))
