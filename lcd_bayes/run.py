@@ -123,10 +123,10 @@ def fit(
         checkpoint_path=folder / "checkpoint.pkl" if folder else None,
         fingerprint=_fingerprint(data, run_config), progress=progress,
     )
-    attrs = {}
+    draws, attrs = None, {}
     if run_config.fit.refine == "nuts":
         draws, attrs = _refined_draws(inference, result, structure, cells, run_config, progress)
-    else:
+    if draws is None:  # the guide's posterior (also when the refining chain failed)
         draws = draw_globals(
             inference.guide, result.params, structure, run_config.model,
             num_samples=run_config.fit.num_posterior_samples, seed_value=run_config.fit.seed + 1,
@@ -177,9 +177,9 @@ REFINE_MAX_DIVERGENT = 0.2
 
 
 def _refined_draws(inference, result: FitResult, structure: Structure, cells: CellBatch, config: RunConfig,
-                   progress: bool) -> tuple[dict, dict]:
+                   progress: bool) -> tuple[dict | None, dict]:
     """Posterior draws from NUTS on the full-data program, whitened by the fitted guide, and the
-    chain's diagnostics for the DataTree's attributes."""
+    chain's diagnostics for the DataTree's attributes; no draws if the chain failed."""
     fit = config.fit
     if progress:
         print(f"refining the posterior with NUTS ({fit.refine_warmup} warmup + {fit.num_posterior_samples} draws)",
@@ -200,9 +200,7 @@ def _refined_draws(inference, result: FitResult, structure: Structure, cells: Ce
             "so the chain left the posterior region the fit found (typically toward drifts at the stability "
             "limit, as in screens with few perturbed genes). The posterior keeps the guide's draws, whose "
             "intervals are too narrow (README, calibration).", stacklevel=3)
-        draws = draw_globals(inference.guide, result.params, structure, config.model,
-                             num_samples=fit.num_posterior_samples, seed_value=fit.seed + 1)
-        return draws, {"nuts_refinement": f"failed: {refinement.divergences} of {fit.num_posterior_samples} "
+        return None, {"nuts_refinement": f"failed: {refinement.divergences} of {fit.num_posterior_samples} "
                                           "draws diverged; the guide's draws are kept"}
     if divergent > 0.05:
         warnings.warn(
