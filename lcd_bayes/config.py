@@ -14,6 +14,7 @@ LINKS = ("softplus", "exp")
 SCHEMES = ("euler", "trapezoidal")  # of the linear drift's stationary law (lcd_bayes.stationary)
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
 REFINEMENTS = ("none", "nuts")
+INITS = ("data", "prior")  # where SVI starts (lcd_bayes.initialization)
 # "auto" takes the row-block guide up to this many genes and the mean-field guide beyond: its
 # blocks have ~2d + 5 entries each, so its parameters grow as 2 d^3. A 100-gene NB fit ran its
 # 6000 steps finite once the guide's log q and the horseshoe's shrunk scale were made stable in
@@ -46,6 +47,14 @@ class ModelConfig:
     # Self-decay exp(kappa), kappa ~ Normal(log(decay_prior_median), decay_prior_log_sd).
     decay_prior_median: float = 2.0
     decay_prior_log_sd: float = 1.5
+    # Partial pooling of the per-gene self-decays and NB concentrations: kappa_g ~ Normal(m, s) with
+    # m ~ Normal(log(decay_prior_median), decay_prior_log_sd) and s ~ HalfNormal(decay_spread_scale)
+    # (the same for log concentration). Under counts, a gene's latent variance (1 / 2D) and its
+    # count overdispersion explain the same spread, so each alone is weakly identified.
+    pool_decay: bool = False
+    decay_spread_scale: float = 1.0
+    pool_concentration: bool = False
+    concentration_spread_scale: float = 1.0
     # Basal drift and shifts are also relative to the self-decay, i.e. in units of latent x.
     basal_scale: float = 3.0
     # On-target shifts: hierarchical Normal(shift_mean, shift_sd) so unseen targets get a shift law.
@@ -124,6 +133,9 @@ class FitConfig:
     guide: str = "auto"  # auto | row_block | mean_field | low_rank (see fit.global_variational_family)
     guide_rank: int = 10  # for the low-rank guide
     init_scale: float = 0.05
+    # "data": the guide starts at the basal drift and on-target shifts the condition means show
+    # (lcd_bayes.initialization); "prior": those at their prior median (every shift 0).
+    init: str = "data"
     encoder_hidden: int = 64  # width of the cell encoder (the pseudo-observation of conditional_proposal)
     cell_particles: int = 16  # importance draws per cell for its marginal likelihood (model.lcd_model)
     steps_per_chunk: int = 50  # steps fused into one jitted lax.scan between progress updates
@@ -151,6 +163,8 @@ class FitConfig:
             raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
         if self.steps < 1 or self.steps_per_chunk < 1:
             raise ValueError("steps and steps_per_chunk must be positive")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.refine not in REFINEMENTS:
             raise ValueError(f"refine must be one of {REFINEMENTS}, got {self.refine!r}")
         if self.refine_warmup < 1 or self.refine_max_tree_depth < 1:

@@ -8,7 +8,9 @@
     x_i ~ N(mu_q(i), Sigma)                     latent state of cell i
     y_ig ~ NB(s_i softplus(x_ig) u_g, phi_g)    counts (or ZIP, Poisson; Gaussian integrates x out)
 
-Priors sit in ``drift_prior``, the likelihood in ``lcd_model``, which integrates each cell's state
+Priors sit in ``drift_prior``, the likelihood in ``lcd_model``; ``[model] pool_decay`` and
+``pool_concentration`` draw the per-gene kappa_g and log phi_g from a shared Normal(m, s) whose
+location and spread are themselves drawn (partial pooling). which integrates each cell's state
 out by importance sampling from ``conditional_proposal`` (so the guide covers the globals only). With ``[model] drift = "nonlinear"`` the drift is
 ``D (-x + s tanh(R x / s + h)) + b + c`` and each condition q has its own moment-matched law
 ``N(mu_q, Sigma_q)`` from particle simulation (``drift_nonlinear``); the likelihoods are the same
@@ -27,6 +29,9 @@ import numpyro.distributions as dist
 from .config import ModelConfig
 from .drift_nonlinear import stationary_law_nonlinear
 from .stationary import effective_drift, excess_abscissa, stationary_law, stationary_means
+
+
+CONCENTRATION_PRIOR_MEDIAN = 10.0  # of the NB concentration phi_g (LogNormal, log-sd 1.5)
 
 
 class CellBatch(NamedTuple):
@@ -114,9 +119,9 @@ def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
         "interaction", (n_genes, n_genes), config.interaction_global_scale,
         config.interaction_slab_scale, config.interaction_slab_df, rows_plate="genes",  # row k: inputs of gene k
     ) * (1.0 - eye)
-    log_decay = per_gene(
-        "log_decay", dist.Normal(jnp.full(n_genes, np.log(config.decay_prior_median)), config.decay_prior_log_sd)
-    )
+    log_decay = per_gene("log_decay", pooled_normal(
+        "decay", n_genes, np.log(config.decay_prior_median), config.decay_prior_log_sd,
+        config.decay_spread_scale if config.pool_decay else None))
     decay = jnp.exp(log_decay)
     drift = decay[:, None] * (relative_interaction - eye)
     basal = decay * per_gene("basal_relative", dist.Normal(jnp.zeros(n_genes), config.basal_scale))
@@ -184,6 +189,17 @@ def nonlinear_stationary(structure: Structure, config: ModelConfig, decay, relat
     return Drift(law.control_jacobian, shift, basal, law.means, law.covariances)
 
 
+def pooled_normal(name: str, n_genes: int, center: float, scale: float, spread_scale: float | None):
+    """The per-gene law ``Normal(center, scale)``, or with ``spread_scale`` a partially pooled one:
+    ``Normal(m, s)`` with ``m ~ Normal(center, scale)`` and ``s ~ HalfNormal(spread_scale)``
+    (sites ``{name}_location`` and ``{name}_spread``)."""
+    if spread_scale is None:
+        return dist.Normal(jnp.full(n_genes, center), scale)
+    location = numpyro.sample(f"{name}_location", dist.Normal(center, scale))
+    spread = numpyro.sample(f"{name}_spread", dist.HalfNormal(spread_scale))
+    return dist.Normal(jnp.full(n_genes, location), spread)
+
+
 def on_target_shift(targets: np.ndarray, config: ModelConfig) -> jax.Array:
     """Shifts on each label's known target genes, drawn from a shared (hierarchical) law so that a
     target never perturbed in training still has a predictive shift distribution."""
@@ -249,7 +265,7 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
         return
 
     gene_scale = per_gene("gene_scale", dist.LogNormal(jnp.asarray(structure.gene_scale_center), 1.0))
-    noise = observation_noise_prior(config.likelihood, n_genes)
+    noise = observation_noise_prior(config, n_genes)
     latent_tril = jnp.linalg.cholesky(drift.covariance)
 
     with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
@@ -274,10 +290,13 @@ def condition_factor(tril: jax.Array, condition: jax.Array) -> jax.Array:
     return tril if tril.ndim == 2 else tril[condition]
 
 
-def observation_noise_prior(likelihood: str, n_genes: int) -> jax.Array | None:
+def observation_noise_prior(config: ModelConfig, n_genes: int) -> jax.Array | None:
     """Per-gene noise parameter: NB concentration, or ZIP zero-inflation probability."""
+    likelihood = config.likelihood
     if likelihood == "nb":
-        return per_gene("concentration", dist.LogNormal(jnp.full(n_genes, np.log(10.0)), 1.5))
+        log_law = pooled_normal("concentration", n_genes, np.log(CONCENTRATION_PRIOR_MEDIAN), 1.5,
+                                config.concentration_spread_scale if config.pool_concentration else None)
+        return per_gene("concentration", dist.LogNormal(log_law.loc, log_law.scale))
     if likelihood == "zip":
         return per_gene("gate", dist.Beta(jnp.ones(n_genes), 9.0))
     return None
