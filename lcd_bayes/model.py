@@ -8,10 +8,10 @@
     x_i ~ N(mu_q(i), Sigma)                     latent state of cell i
     y_ig ~ NB(s_i softplus(x_ig) u_g, phi_g)    counts (or ZIP, Poisson; Gaussian integrates x out)
 
-Priors sit in ``drift_prior``, the likelihood in ``lcd_model``; ``[model] pool_decay`` and
-``pool_concentration`` draw the per-gene kappa_g and log phi_g from a shared Normal(m, s) whose
-location and spread are themselves drawn (partial pooling). which integrates each cell's state
-out by importance sampling from ``conditional_proposal`` (so the guide covers the globals only). With ``[model] drift = "nonlinear"`` the drift is
+Priors sit in ``drift_prior``, the likelihood in ``lcd_model``, which integrates each cell's state
+out by importance sampling from ``conditional_proposal`` (so the guide covers the globals only).
+``[model] pool_decay`` and ``pool_concentration`` draw the per-gene kappa_g and log phi_g from a
+shared Normal(m, s) whose location and spread are themselves drawn (partial pooling). With ``[model] drift = "nonlinear"`` the drift is
 ``D (-x + s tanh(R x / s + h)) + b + c`` and each condition q has its own moment-matched law
 ``N(mu_q, Sigma_q)`` from particle simulation (``drift_nonlinear``); the likelihoods are the same
 with ``Sigma_q`` gathered by each cell's condition.
