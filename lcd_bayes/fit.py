@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .guides import global_variational_family
+from .initialization import init_at, initial_values
 from .model import CellBatch, Structure, lcd_model
 
 
@@ -54,13 +55,16 @@ def program(structure: Structure, config: RunConfig, *, minibatch: bool = True):
                              cell_particles=fit.cell_particles, encoder_hidden=fit.encoder_hidden)
 
 
-def build_inference(structure: Structure, config: RunConfig) -> Inference:
+def build_inference(structure: Structure, config: RunConfig, start: dict | None = None) -> Inference:
+    """SVI for the program; the guide starts at the values in ``start`` (``initialization``) where given,
+    at the prior median elsewhere."""
     fit = config.fit
     model = program(structure, config)
     # A Gaussian guide (row-block, mean-field or low-rank; see global_variational_family) over the
     # globals: the per-cell states are integrated out in the model, the summaries are deterministic.
     hidden_summaries = block(model, hide_fn=lambda site: site.get("type") == "deterministic")
-    guide = global_variational_family(hidden_summaries, fit.resolved_guide(structure.n_genes), fit)
+    guide = global_variational_family(hidden_summaries, fit.resolved_guide(structure.n_genes), fit,
+                                      init_loc_fn=init_at(start or {}))
     schedule = learning_rate_schedule(fit)
     optimizer = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(fit.clip_norm), optax.adam(schedule)))
     svi = SVI(model, guide, optimizer, Trace_ELBO())
@@ -149,9 +153,9 @@ def fit_svi(
     loop updates the progress bar, checks convergence and non-finite losses, and checkpoints.
     """
     fit = config.fit
-    inference = build_inference(structure, config)
-    svi = inference.svi
     cells = CellBatch(*(jnp.asarray(a) for a in cells))
+    inference = build_inference(structure, config, initial_values(cells, structure, config.model, fit.init))
+    svi = inference.svi
     key = jax.random.PRNGKey(fit.seed)
 
     @jax.jit
