@@ -43,6 +43,12 @@ VARIABLE_DIMS = {
     "fixed_point_residual": (),
     "n_diverged": (),
     "interaction_scale": (),
+    # Partial pooling ([model] pool_decay / pool_concentration): the shared location and spread of
+    # the per-gene log self-decays and log NB concentrations.
+    "decay_location": (),
+    "decay_spread": (),
+    "concentration_location": (),
+    "concentration_spread": (),
     "shift_mean": (),
     "shift_sd": (),
     "gene_scale": ("gene",),
@@ -50,7 +56,9 @@ VARIABLE_DIMS = {
     "gate": ("gene",),
     "noise_sd": ("gene",),
 }
-_NOISE_SITES = ("gene_scale", "concentration", "gate", "noise_sd", "interaction_scale", "shift_mean", "shift_sd")
+# Sampled sites kept in the posterior as drawn (where the model has them).
+_STORED_AS_DRAWN = ("gene_scale", "concentration", "gate", "noise_sd", "interaction_scale", "shift_mean", "shift_sd",
+                    "decay_location", "decay_spread", "concentration_location", "concentration_spread")
 
 
 def draw_globals(guide, params: dict, structure: Structure, model_config, *, num_samples: int,
@@ -94,7 +102,7 @@ def derive_globals(latent: dict, structure: Structure, model_config, *, chunk_si
                        stationary_sd=condition_sd[0],  # condition 0 is the control
                        fixed_point_residual=sites["fixed_point_residual"]["value"],
                        n_diverged=sites["n_diverged"]["value"])
-        out.update({name: draw[name] for name in _NOISE_SITES if name in draw})
+        out.update({name: draw[name] for name in _STORED_AS_DRAWN if name in draw})
         return out
 
     nonlinear = getattr(model_config, "drift", "linear") == "nonlinear"
