@@ -11,7 +11,9 @@
 Priors sit in ``drift_prior``, the likelihood in ``lcd_model``, which integrates each cell's state
 out by importance sampling from ``conditional_proposal`` (so the guide covers the globals only).
 ``[model] pool_decay`` and ``pool_concentration`` draw the per-gene kappa_g and log phi_g from a
-shared Normal(m, s) whose location and spread are themselves drawn (partial pooling). With ``[model] drift = "nonlinear"`` the drift is
+shared Normal(m, s) whose location and spread are themselves drawn (partial pooling).
+
+With ``[model] drift = "nonlinear"`` the drift is
 ``D (-x + s tanh(R x / s + h)) + b + c`` and each condition q has its own moment-matched law
 ``N(mu_q, Sigma_q)`` from particle simulation (``drift_nonlinear``); the likelihoods are the same
 with ``Sigma_q`` gathered by each cell's condition.
