@@ -27,7 +27,7 @@ def test_shrunk_local_scale_has_finite_gradients_where_the_square_underflows():
 
 
 def test_pooled_self_decays_share_a_drawn_location_and_spread():
-    """``pool_decay`` (default): kappa_g ~ Normal(m, s) with m and s drawn once for all genes; without it each
+    """``pool_decay``: kappa_g ~ Normal(m, s) with m and s drawn once for all genes; without it each
     gene has the fixed Normal(log median, log sd). ``pool_concentration`` does the same for the NB
     concentrations."""
     from numpyro.handlers import seed, trace
@@ -42,7 +42,7 @@ def test_pooled_self_decays_share_a_drawn_location_and_spread():
     def sites(**model):
         return trace(seed(lcd_model, 0)).get_trace(cells, structure, ModelConfig(**model))
 
-    pooled = sites()  # the default
+    pooled = sites(pool_decay=True, pool_concentration=True)
     law = pooled["log_decay"]["fn"]
     np.testing.assert_allclose(law.loc, pooled["decay_location"]["value"])
     np.testing.assert_allclose(law.scale, pooled["decay_spread"]["value"])
@@ -50,7 +50,7 @@ def test_pooled_self_decays_share_a_drawn_location_and_spread():
     np.testing.assert_allclose(concentration.loc, pooled["concentration_location"]["value"])
     np.testing.assert_allclose(concentration.scale, pooled["concentration_spread"]["value"])
 
-    independent = sites(pool_decay=False, pool_concentration=False)
+    independent = sites()  # the default
     assert "decay_location" not in independent and "concentration_location" not in independent
     np.testing.assert_allclose(independent["log_decay"]["fn"].loc, np.log(2.0))
     np.testing.assert_allclose(independent["log_decay"]["fn"].scale, 1.5)
