@@ -55,15 +55,15 @@ def condition_means(cells: CellBatch, structure: Structure, config: ModelConfig)
     return np.asarray(totals / jnp.maximum(counts, 1.0)[:, None])
 
 
-def label_moves(means: np.ndarray, design: np.ndarray) -> np.ndarray:
-    """Each label's mean move from the control, ``(labels, genes)``: over the conditions where it
-    is alone if there are any, else over every condition that holds it."""
-    control = np.all(design == 0, axis=1)
+def label_moves(condition_moves: np.ndarray, design: np.ndarray) -> np.ndarray:
+    """Each label's mean move, ``(labels, genes)``, from each condition's move from the control:
+    over the conditions where the label is alone if there are any, else over every condition that
+    holds it."""
     single = design.sum(axis=1) == 1
     has_single = (design * single[:, None]).sum(axis=0) > 0
     weights = design * np.where(has_single[None, :], single[:, None], True)  # (conditions, labels)
     weights = weights / np.maximum(weights.sum(axis=0, keepdims=True), 1)
-    return weights.T @ (means - means[control].mean(axis=0))
+    return weights.T @ condition_moves
 
 
 def data_values(cells: CellBatch, structure: Structure, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -74,10 +74,11 @@ def data_values(cells: CellBatch, structure: Structure, config: ModelConfig) -> 
     if not control.any():
         return {}
     means = condition_means(cells, structure, config)
-    values = {"basal_relative": means[control].mean(axis=0).astype(np.float32)}
+    control_mean = means[control].mean(axis=0)
+    values = {"basal_relative": control_mean.astype(np.float32)}
     rows, cols = np.nonzero(structure.targets)
     if rows.size:
-        shifts = label_moves(means, design)[rows, cols]
+        shifts = label_moves(means - control_mean, design)[rows, cols]
         mean, sd = float(shifts.mean()), max(float(shifts.std()), 0.1)
         values.update(shift_mean=np.float32(mean), shift_sd=np.float32(sd),
                       on_target_raw=((shifts - mean) / sd).astype(np.float32))

@@ -42,8 +42,8 @@ def test_data_start_is_the_control_mean_and_each_labels_move_on_its_target():
 def test_a_label_seen_only_in_combinations_moves_as_they_do():
     # conditions: ctrl, A, A+B, A+C; labels A, B, C
     design = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 1]], float)
-    means = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0], [3.0, 4.0]])
-    moves = label_moves(means, design)
+    condition_moves = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0], [3.0, 4.0]])  # from the control
+    moves = label_moves(condition_moves, design)
     np.testing.assert_allclose(moves[0], [1.0, 0.0])  # A: from its single only
     np.testing.assert_allclose(moves[1], [1.0, 2.0])  # B: only in A+B
     np.testing.assert_allclose(moves[2], [3.0, 4.0])
