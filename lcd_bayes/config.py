@@ -13,7 +13,7 @@ LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
 SCHEMES = ("euler", "trapezoidal")  # of the linear drift's stationary law (lcd_bayes.stationary)
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
-REFINEMENTS = ("none", "nuts")
+REFINEMENTS = ("none", "laplace", "nuts")
 INITS = ("data", "prior")  # where SVI starts (lcd_bayes.initialization)
 # "auto" takes the row-block guide up to this many genes and the mean-field guide beyond: its
 # blocks have ~2d + 5 entries each, so its parameters grow as 2 d^3. A 100-gene NB fit ran its
@@ -149,11 +149,17 @@ class FitConfig:
     min_steps: int = 1000
     checkpoint_every: int = 500
     num_posterior_samples: int = 500
-    # After SVI: "nuts" replaces the guide's draws by a NUTS chain on the same program, whitened
-    # by the guide (lcd_bayes.refine): calibrated intervals, at minutes per 20 genes (Gaussian).
+    # After SVI (lcd_bayes.refine), in the coordinates the guide whitens: "laplace" replaces the
+    # guide's draws by the Gaussian with the posterior's curvature at the guide's mean (one Hessian-
+    # vector product per latent dimension); "nuts" by a NUTS chain (minutes per 20 genes, Gaussian;
+    # hours for counts on a CPU).
     refine: str = "none"
     refine_warmup: int = 300  # NUTS adaptation steps; the chain then keeps num_posterior_samples draws
     refine_max_tree_depth: int = 8
+    # Laplace: along a direction of curvature h (whitened) the draws take sd 1 / sqrt(max(|h|, floor)),
+    # i.e. at most 1 / sqrt(floor) times the guide's; directions per vmapped Hessian batch (memory).
+    refine_curvature_floor: float = 0.01
+    refine_hessian_batch: int = 16
     seed: int = 0
 
     def resolved_guide(self, n_genes: int) -> str:
@@ -171,8 +177,10 @@ class FitConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.refine not in REFINEMENTS:
             raise ValueError(f"refine must be one of {REFINEMENTS}, got {self.refine!r}")
-        if self.refine_warmup < 1 or self.refine_max_tree_depth < 1:
-            raise ValueError("refine_warmup and refine_max_tree_depth must be positive")
+        if self.refine_warmup < 1 or self.refine_max_tree_depth < 1 or self.refine_hessian_batch < 1:
+            raise ValueError("refine_warmup, refine_max_tree_depth and refine_hessian_batch must be positive")
+        if not 0 < self.refine_curvature_floor <= 1:
+            raise ValueError(f"refine_curvature_floor must be in (0, 1], got {self.refine_curvature_floor}")
         if self.cell_particles < 1:
             raise ValueError(f"cell_particles must be a positive integer, got {self.cell_particles}")
 

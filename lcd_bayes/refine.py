@@ -1,22 +1,34 @@
-"""Refining the variational posterior by HMC on the same program (``[fit] refine = "nuts"``).
+"""Refining the variational posterior after SVI (``[fit] refine``).
 
 The Gaussian guides find the posterior means but their intervals are too narrow: on 20 genes
 (Gaussian likelihood) HMC's sds of the true effects are 1.6-1.75 times the row-block guide's, and
 its intervals cover the true edges at the nominal rates where the guide's do not (README,
 calibration). The guide misses correlations across rows of ``R`` and the spread of the global
-scales, which no Gaussian family we could fit by SVI recovered.
+scales, which no Gaussian family we could fit by SVI recovered (a full-rank guide over all ~900
+parameters of a 20-gene model ended 2,000 nats worse in the same steps).
 
-So the guide is used as a preconditioner (NeuTra, Hoffman et al. 2019, with an affine map): with
-``m`` and ``L L^T`` the mean and covariance of the guide's draws in the unconstrained space, NUTS
-samples ``eps`` with potential ``U(m + L eps)``, where ``U`` is minus the log joint density of the
-full data. In those coordinates the posterior is close to a standard normal except along what the
-guide got wrong, which is what the chain has to explore.
+Both refinements work in the coordinates the fitted guide whitens: with ``m`` and ``L L^T`` the
+mean and covariance of the guide's draws in the unconstrained space, ``z = m + L eps``, and
+``U(z)`` minus the log joint density of the full data.
+
+* ``"nuts"`` (NeuTra, Hoffman et al. 2019, with an affine map): NUTS samples ``eps`` with potential
+  ``U(m + L eps)``. In those coordinates the posterior is close to a standard normal except along
+  what the guide got wrong, which is what the chain has to explore.
+* ``"laplace"``: the Gaussian with the curvature of the posterior at the guide's mean,
+  ``eps ~ N(0, H^-1)`` with ``H`` the Hessian of ``U(m + L eps)`` at ``eps = 0`` (one
+  Hessian-vector product per latent dimension). Where the guide is too narrow, ``H`` has
+  eigenvalues below 1 and the draws widen along them. The guide's mean is not the posterior's
+  mode, and in the horseshoe's funnels (absent edges' local scales against their raw weights) the
+  curvature there can be negative: along an eigenvector with eigenvalue ``h`` the draws take sd
+  ``1 / sqrt(max(|h|, floor))``, the curvature's magnitude (as saddle-free Newton methods do) with
+  at most ``1 / sqrt(floor)`` times the guide's spread.
 
 For the count likelihoods the cell states stay integrated out by the model's importance-weighted
-marginal, with the particle noise fixed for the whole chain (common random numbers), so the
-potential is a deterministic, smooth function; it is that estimate of the marginal that is
-sampled. Each gradient then costs a pass over every cell and particle (~0.1 s at 20 genes and 4,200
-cells on 2 CPU cores), which makes NUTS slow for counts on a CPU.
+marginal, with the particle noise fixed (common random numbers), so the potential is a
+deterministic, smooth function; it is that estimate of the marginal that is sampled. Each gradient
+then costs a pass over every cell and particle (~0.1 s at 20 genes and 4,200 cells on 2 CPU
+cores): the Laplace refinement needs ~900 Hessian-vector products at 20 genes, NUTS ~200,000
+gradients.
 """
 from __future__ import annotations
 
@@ -31,9 +43,11 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import initialize_model
+from tqdm.auto import tqdm
 
 # The whitening needs the dense covariance of the guide's draws (latent_dim^2 floats and a Cholesky
-# factorization): ~40 genes with the linear drift.
+# factorization), the Laplace refinement a dense Hessian and its eigendecomposition: ~40 genes with
+# the linear drift.
 MAX_LATENT_DIM = 4000
 
 
@@ -44,7 +58,23 @@ class Refinement(NamedTuple):
     seconds: float
 
 
-def check_latent_dimension(model, cells) -> int:
+class LaplaceRefinement(NamedTuple):
+    latent: dict[str, np.ndarray]  # (draws, ...) constrained values of every latent site
+    eigenvalues: np.ndarray  # of the whitened Hessian, ascending; 1 where the guide had it right
+    curvature_floor: float
+    gradient_norm: float  # |grad U| at the guide's mean, whitened: how far that mean is from a mode
+    seconds: float
+
+    @property
+    def n_negative(self) -> int:
+        return int(np.sum(self.eigenvalues < 0))
+
+    @property
+    def n_floored(self) -> int:
+        return int(np.sum(np.abs(self.eigenvalues) < self.curvature_floor))
+
+
+def check_latent_dimension(model, cells, refine: str = "nuts") -> int:
     """The number of unconstrained latent dimensions the chain would sample; refuses, before any
     fitting is spent, a model too large for the dense whitening."""
     sites = trace(seed(model, 0)).get_trace(type(cells)(*(jnp.asarray(a) for a in cells)))
@@ -52,7 +82,7 @@ def check_latent_dimension(model, cells) -> int:
                      if site["type"] == "sample" and not site["is_observed"])
     if latent_dim > MAX_LATENT_DIM:
         raise ValueError(
-            f'[fit] refine = "nuts" whitens with the dense covariance of the guide, which needs at most '
+            f'[fit] refine = "{refine}" whitens with the dense covariance of the guide, which needs at most '
             f"{MAX_LATENT_DIM} latent dimensions (about 40 genes); this model has {latent_dim}. "
             'Use refine = "none" (the guide\'s posterior), or fewer genes (--n-top-genes).'
         )
@@ -81,21 +111,34 @@ def unconstrained(draws: dict, sites: dict) -> jax.Array:
     return jax.vmap(lambda one: ravel_pytree(one)[0])(free)
 
 
+def guide_whitening(guide, params: dict, sites: dict, key, latent_dim: int) -> tuple[jax.Array, jax.Array]:
+    """Mean and Cholesky factor of the covariance of the guide's draws, in the unconstrained space."""
+    # Four guide draws per dimension for the sample covariance; at d = 20 nine times as many gave
+    # the same chain (253 leapfrog steps per draw): the chain's cost is the posterior's, not the
+    # whitening's noise.
+    guide_draws = guide.sample_posterior(key, params, sample_shape=(max(2000, 4 * latent_dim),))
+    flat = unconstrained(guide_draws, sites)
+    covariance = jnp.cov(flat.T) + 1e-8 * jnp.eye(latent_dim)
+    return flat.mean(0), jnp.linalg.cholesky(covariance)
+
+
+def constrained_draws(flat_draws: jax.Array, unravel, sites: dict) -> dict[str, np.ndarray]:
+    """Flat unconstrained draws ``(draws, dim)`` as constrained values by site."""
+    def constrain(flat_one):
+        return {name: biject_to(sites[name]["fn"].support)(value) for name, value in unravel(flat_one).items()}
+
+    latent = jax.lax.map(constrain, flat_draws, batch_size=256)
+    return {name: np.asarray(value) for name, value in latent.items()}
+
+
 def refine_with_nuts(model, guide, params: dict, cells, *, num_warmup: int, num_samples: int,
                      max_tree_depth: int, seed_value: int, progress: bool = True) -> Refinement:
     """NUTS draws of the posterior of ``model`` (full data), preconditioned by the fitted ``guide``."""
     start = time.perf_counter()
     key_potential, key_guide, key_chain = jax.random.split(jax.random.PRNGKey(seed_value), 3)
-    latent_dim = check_latent_dimension(model, cells)  # before anything of size latent_dim^2
+    latent_dim = check_latent_dimension(model, cells, "nuts")  # before anything of size latent_dim^2
     potential, unravel, sites = full_data_potential(model, params, cells, key_potential)
-    # Four guide draws per dimension for the sample covariance; at d = 20 nine times as many gave
-    # the same chain (253 leapfrog steps per draw): the chain's cost is the posterior's, not the
-    # whitening's noise.
-    guide_draws = guide.sample_posterior(key_guide, params, sample_shape=(max(2000, 4 * latent_dim),))
-    flat = unconstrained(guide_draws, sites)
-    mean = flat.mean(0)
-    covariance = jnp.cov(flat.T) + 1e-8 * jnp.eye(latent_dim)
-    tril = jnp.linalg.cholesky(covariance)
+    mean, tril = guide_whitening(guide, params, sites, key_guide, latent_dim)
 
     def whitened_potential(eps):
         return potential(mean + tril @ eps)
@@ -105,12 +148,55 @@ def refine_with_nuts(model, guide, params: dict, cells, *, num_warmup: int, num_
     mcmc.run(key_chain, init_params=jnp.zeros(latent_dim), extra_fields=("diverging", "num_steps"))
     eps = mcmc.get_samples()
     extra = mcmc.get_extra_fields()
-    flat_draws = mean + eps @ tril.T
-
-    def constrain(flat_one):
-        return {name: biject_to(sites[name]["fn"].support)(value) for name, value in unravel(flat_one).items()}
-
-    latent = jax.lax.map(constrain, flat_draws, batch_size=256)
-    latent = {name: np.asarray(value) for name, value in latent.items()}
+    latent = constrained_draws(mean + eps @ tril.T, unravel, sites)
     return Refinement(latent, int(np.sum(extra["diverging"])), float(np.mean(extra["num_steps"])),
                       time.perf_counter() - start)
+
+
+def whitened_hessian(whitened_potential, latent_dim: int, batch_size: int, progress: bool = True) -> jax.Array:
+    """The Hessian of ``whitened_potential`` at 0, by Hessian-vector products (forward over
+    reverse), ``batch_size`` directions vmapped at a time; symmetrized."""
+    gradient = jax.grad(whitened_potential)
+    origin = jnp.zeros(latent_dim)
+    columns = jax.jit(jax.vmap(lambda direction: jax.jvp(gradient, (origin,), (direction,))[1]))
+    eye = jnp.eye(latent_dim)
+    blocks = []
+    with tqdm(total=latent_dim, desc="Hessian", unit="dir", disable=not progress) as bar:
+        for first in range(0, latent_dim, batch_size):  # batches only for the progress bar and memory
+            blocks.append(columns(eye[first:first + batch_size]))
+            bar.update(blocks[-1].shape[0])
+    hessian = jnp.concatenate(blocks)
+    return 0.5 * (hessian + hessian.T)
+
+
+def laplace_scales(eigenvalues: jax.Array, curvature_floor: float) -> jax.Array:
+    """Sd of the Laplace draws along each eigenvector of the whitened Hessian: ``1 / sqrt(|h|)``,
+    at most ``1 / sqrt(curvature_floor)`` (the magnitude, since at the guide's mean, which is not a
+    mode, the horseshoe's funnels can curve the wrong way)."""
+    return 1.0 / jnp.sqrt(jnp.maximum(jnp.abs(eigenvalues), curvature_floor))
+
+
+def refine_with_laplace(model, guide, params: dict, cells, *, num_samples: int, curvature_floor: float,
+                        hessian_batch: int, seed_value: int, progress: bool = True) -> LaplaceRefinement:
+    """Draws from the Laplace approximation of the posterior of ``model`` (full data) at the fitted
+    ``guide``'s mean, in the guide's whitened coordinates."""
+    start = time.perf_counter()
+    key_potential, key_guide, key_draws = jax.random.split(jax.random.PRNGKey(seed_value), 3)
+    latent_dim = check_latent_dimension(model, cells, "laplace")
+    potential, unravel, sites = full_data_potential(model, params, cells, key_potential)
+    mean, tril = guide_whitening(guide, params, sites, key_guide, latent_dim)
+
+    def whitened_potential(eps):
+        return potential(mean + tril @ eps)
+
+    gradient_norm = float(jnp.linalg.norm(jax.grad(whitened_potential)(jnp.zeros(latent_dim))))
+    hessian = whitened_hessian(whitened_potential, latent_dim, hessian_batch, progress)
+    if not bool(jnp.all(jnp.isfinite(hessian))):
+        raise FloatingPointError("the Hessian of the posterior at the guide's mean is not finite; "
+                                 'refit, or use refine = "none" (the guide\'s posterior)')
+    eigenvalues, eigenvectors = jnp.linalg.eigh(hessian)
+    noise = jax.random.normal(key_draws, (num_samples, latent_dim))
+    eps = (noise * laplace_scales(eigenvalues, curvature_floor)) @ eigenvectors.T
+    latent = constrained_draws(mean + eps @ tril.T, unravel, sites)
+    return LaplaceRefinement(latent, np.asarray(eigenvalues), curvature_floor, gradient_norm,
+                             time.perf_counter() - start)

@@ -21,6 +21,13 @@ def test_fit_flags_match_the_contract():
         assert hasattr(fit_help, flag), flag
 
 
+def test_refine_is_a_fit_and_demo_choice():
+    parser = build_parser()
+    assert parser.parse_args(["fit", "x.h5ad", "--out", "r", "--refine", "laplace"]).refine == "laplace"
+    assert parser.parse_args(["fit", "x.h5ad", "--out", "r"]).refine is None  # the config's (none)
+    assert parser.parse_args(["demo"]).refine == "laplace"  # the demo shows calibrated intervals
+
+
 def test_simulate_then_fit_writes_a_run(tmp_path, capsys):
     data = tmp_path / "sim.h5ad"
     assert main(["simulate", "--genes", "4", "--perturbations", "4", "--cells-per-perturbation", "20",
@@ -36,7 +43,7 @@ def test_simulate_then_fit_writes_a_run(tmp_path, capsys):
                  "--sep", "+", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "Strongest direct effects" in out
+    assert "Strongest direct effects" in out and "--refine laplace" in out  # the guide-only hint
     tree = xr.open_datatree(run / "posterior.nc", engine="h5netcdf")
     assert tree["posterior"].sizes["draw"] == 20
     tree.close()

@@ -31,7 +31,7 @@ from lcd_bayes.data import load_perturbation_data
 from lcd_bayes.fit import fit_svi, program
 from lcd_bayes.model import CellBatch, lcd_model
 from lcd_bayes.posterior import derive_globals, draw_globals
-from lcd_bayes.refine import refine_with_nuts
+from lcd_bayes.refine import refine_with_laplace, refine_with_nuts
 from lcd_bayes.run import structure_of
 from lcd_bayes.simulate import simulate, truth_from_uns
 
@@ -98,16 +98,35 @@ def svi(problem, request):
 
 
 @pytest.fixture(scope="module")
-def refined(problem):
-    """The row-block fit, refined by a NUTS chain whitened by it (``[fit] refine = "nuts"``), with
-    its own chain key so that it is not a copy of the reference chain."""
+def row_block_fit(problem):
     config = problem["config"].replace(fit={"guide": "row_block"})
     result, inference = fit_svi(problem["cells"], problem["structure"], config, progress=False)
+    return config, result, inference
+
+
+@pytest.fixture(scope="module")
+def refined(problem, row_block_fit):
+    """The row-block fit, refined by a NUTS chain whitened by it (``[fit] refine = "nuts"``), with
+    its own chain key so that it is not a copy of the reference chain."""
+    config, result, inference = row_block_fit
     refinement = refine_with_nuts(program(problem["structure"], config, minibatch=False), inference.guide,
                                   result.params, problem["cells"], num_warmup=200, num_samples=400,
                                   max_tree_depth=8, seed_value=7, progress=False)
     print(f"refinement: {refinement.seconds:.1f} s, {refinement.divergences} divergences, "
           f"{refinement.mean_tree_size:.0f} leapfrog steps per draw")
+    return derive_globals(refinement.latent, problem["structure"], config.model)
+
+
+@pytest.fixture(scope="module")
+def laplace(problem, row_block_fit):
+    """The row-block fit, refined by the Laplace approximation at its mean (``[fit] refine = "laplace"``)."""
+    config, result, inference = row_block_fit
+    refinement = refine_with_laplace(program(problem["structure"], config, minibatch=False), inference.guide,
+                                     result.params, problem["cells"], num_samples=1000,
+                                     curvature_floor=config.fit.refine_curvature_floor, hessian_batch=16,
+                                     seed_value=7, progress=False)
+    print(f"Laplace: {refinement.seconds:.1f} s, {refinement.n_negative} negative curvatures, "
+          f"{refinement.n_floored} at the floor, gradient norm {refinement.gradient_norm:.2f}")
     return derive_globals(refinement.latent, problem["structure"], config.model)
 
 
@@ -221,10 +240,18 @@ def test_svi_posterior_agrees_with_nuts(nuts, svi):
     assert not failures, "SVI disagrees with NUTS:\n" + "\n".join(failures)
 
 
-def test_refined_posterior_has_the_widths_of_nuts(nuts, refined):
-    """The guide's effect sds are 0.48-0.89 of NUTS's (median 0.68); after the refinement they must
-    be NUTS's own, up to the two short chains' Monte Carlo error."""
+# The NUTS refinement must give NUTS's own widths (up to the short chains' Monte Carlo error). The
+# Laplace approximation at the guide's mean is a local one: measured here (key 7), medians of the sd
+# ratios 1.36 (interaction) and 1.23 (self_decay), i.e. conservative on this 4-gene problem, where
+# the horseshoe's funnels are least pinned by data; on 20 genes its intervals are slightly narrower
+# than NUTS's (README). It must never fall back toward the guide's widths (median 0.68-0.80).
+@pytest.mark.parametrize("refinement, median_sd_ratio", [("refined", (0.8, 1.25)), ("laplace", (0.95, 1.6))])
+def test_refined_posterior_has_the_widths_of_nuts(nuts, refinement, median_sd_ratio, request):
+    """The guide's effect sds are 0.48-0.89 of NUTS's (median 0.68); after a refinement (the NUTS
+    chain whitened by the guide, or the Laplace approximation at the guide's mean) they must be
+    NUTS's, within ``median_sd_ratio``."""
     samples, _ = nuts
+    refined = request.getfixturevalue(refinement)
     reference = _quantities(samples["drift"], samples["stationary_mean"])
     approx = _quantities(refined["drift"], refined["stationary_mean"])
     for name in ("interaction", "self_decay"):
@@ -234,4 +261,5 @@ def test_refined_posterior_has_the_widths_of_nuts(nuts, refined):
         print(f"{name:16s} |z| max {np.abs(z).max():.2f} median {np.median(np.abs(z)):.2f}; "
               f"sd ratio [{ratio.min():.2f}, {ratio.max():.2f}] median {np.median(ratio):.2f}")
         assert np.median(np.abs(z)) <= 0.5, f"{name}: refined means off NUTS's by |z| {np.round(z, 2)}"
-        assert 0.8 <= np.median(ratio) <= 1.25, f"{name}: refined / NUTS sd ratios {np.round(ratio, 2)}"
+        low, high = median_sd_ratio
+        assert low <= np.median(ratio) <= high, f"{name}: refined / NUTS sd ratios {np.round(ratio, 2)}"
