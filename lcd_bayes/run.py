@@ -227,12 +227,10 @@ def _laplace_draws(inference, result: FitResult, structure: Structure, cells: Ce
         num_samples=fit.num_posterior_samples, curvature_floor=fit.refine_curvature_floor,
         hessian_batch=fit.refine_hessian_batch, seed_value=fit.seed + 1, progress=progress,
     )
-    eigenvalues = laplace.eigenvalues
     attrs = {"inference": "SVI + Laplace (at the guide's mean, guide-whitened)",
              "laplace_seconds": laplace.seconds, "laplace_gradient_norm": laplace.gradient_norm,
-             "laplace_negative_curvature": laplace.n_negative, "laplace_floored": laplace.n_floored,
-             "laplace_median_widening": float(np.median(1.0 / np.sqrt(np.maximum(np.abs(eigenvalues),
-                                                                                  fit.refine_curvature_floor))))}
+             "laplace_negative_curvature": laplace.n_negative, "laplace_capped": laplace.n_floored,
+             "laplace_median_widening": float(np.median(laplace.widening))}
     return derive_globals(laplace.latent, structure, config.model), attrs
 
 

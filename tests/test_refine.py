@@ -163,6 +163,31 @@ def test_laplace_draws_have_the_exact_covariance_of_a_gaussian_posterior():
     assert result.n_negative == 0 and result.n_floored == 0 and result.eigenvalues.min() < 0.2
 
 
+class NoData(NamedTuple):
+    unused: jnp.ndarray
+
+
+def ridge_model(data: NoData):
+    """a ~ N(0, 2^2) and a likelihood term curving slightly the wrong way at a = pi."""
+    a = numpyro.sample("a", dist.Normal(0.0, 2.0))
+    numpyro.factor("bump", -(1.01 / 4) * (1 - jnp.cos(a)))
+
+
+def test_laplace_draws_are_never_wider_than_the_prior():
+    """Where the posterior curves the wrong way at the guide's mean (as the horseshoe's funnels, or
+    an NB self-decay against its concentration, do), the curvature's magnitude says nothing about
+    the spread: the draws must then take the prior's width (sd 2), not the floor's cap (10x the
+    guide's 0.5 = 5; a 20-gene NB fit with that cap had a self-decay spread 670-fold)."""
+    data = NoData(jnp.zeros(1))
+    guide = AutoDiagonalNormal(ridge_model)
+    numpyro.handlers.seed(guide, 0)(data)
+    params = {"auto_loc": jnp.array([np.pi], jnp.float32), "auto_scale": jnp.array([0.5], jnp.float32)}
+    result = refine.refine_with_laplace(ridge_model, guide, params, data, num_samples=8000, curvature_floor=0.01,
+                                        hessian_batch=1, seed_value=0, progress=False)
+    assert result.n_negative == 1 and result.n_floored == 1
+    np.testing.assert_allclose(result.latent["a"].std(), 2.0, rtol=0.05)
+
+
 def test_laplace_scales_take_the_curvature_magnitude_and_cap_the_widening():
     scales = np.asarray(refine.laplace_scales(jnp.array([-4.0, -1e-6, 1e-6, 0.25, 1.0, 4.0]), 0.01))
     # Negative curvature (a funnel seen from off its mode) counts by its magnitude; flat directions
