@@ -20,11 +20,12 @@ mean and covariance of the guide's draws in the unconstrained space, ``z = m + L
   eigenvalues below 1 and the draws widen along them. The guide's mean is not the posterior's
   mode, and in the horseshoe's funnels (absent edges' local scales against their raw weights) the
   curvature there can be negative: along an eigenvector with eigenvalue ``h`` the draws take sd
-  ``1 / sqrt(max(|h|, floor))``, the curvature's magnitude (as saddle-free Newton methods do) with
-  at most ``1 / sqrt(floor)`` times the guide's spread. The cap matters: where the curvature at the
-  guide's mean is nearly flat, the Laplace draws would go as wide as the cap allows, and with a
-  10x cap (floor 0.01) one 20-gene NB fit had a self-decay spread 670-fold and 9% of its draws at
-  the stability limit; the default 3.2x cap (0.1) had none there.
+  ``1 / sqrt(max(|h|, c))``, the curvature's magnitude (as saddle-free Newton methods do), where
+  ``c`` is the larger of the prior's own curvature along that eigenvector and ``floor``: never
+  wider than the prior, nor than ``1 / sqrt(floor)`` times the guide. The prior's bound matters:
+  where the curvature at the guide's mean is nearly flat the draws go as wide as the bound allows,
+  and with the floor's 10x alone one 20-gene NB fit drew a self-decay over a several-hundred-fold
+  range and put 11% of its draws at the stability limit; with the prior's bound, none.
 
 For the count likelihoods the cell states stay integrated out by the model's importance-weighted
 marginal, with the particle noise fixed (common random numbers), so the potential is a

@@ -177,7 +177,8 @@ def test_laplace_draws_are_never_wider_than_the_prior():
     """Where the posterior curves the wrong way at the guide's mean (as the horseshoe's funnels, or
     an NB self-decay against its concentration, do), the curvature's magnitude says nothing about
     the spread: the draws must then take the prior's width (sd 2), not the floor's cap (10x the
-    guide's 0.5 = 5; a 20-gene NB fit with that cap had a self-decay spread 670-fold)."""
+    guide's 0.5 = 5; a 20-gene NB fit with that cap drew a self-decay over a several-hundred-fold
+    range)."""
     data = NoData(jnp.zeros(1))
     guide = AutoDiagonalNormal(ridge_model)
     numpyro.handlers.seed(guide, 0)(data)
