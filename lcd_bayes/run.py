@@ -216,17 +216,22 @@ def _refined_draws(inference, result: FitResult, structure: Structure, cells: Ce
 
 
 def _laplace_draws(inference, result: FitResult, structure: Structure, cells: CellBatch, config: RunConfig,
-                   progress: bool) -> tuple[dict, dict]:
+                   progress: bool) -> tuple[dict | None, dict]:
     """Posterior draws from the Laplace approximation at the guide's mean (whitened by the guide),
-    and its diagnostics for the DataTree's attributes."""
+    and its diagnostics for the DataTree's attributes; no draws if its Hessian was not finite."""
     fit = config.fit
     if progress:
         print("refining the posterior: Laplace approximation at the guide's mean", flush=True)
-    laplace = refine_with_laplace(
-        program(structure, config, minibatch=False), inference.guide, result.params, cells,
-        num_samples=fit.num_posterior_samples, curvature_floor=fit.refine_curvature_floor,
-        hessian_batch=fit.refine_hessian_batch, seed_value=fit.seed + 1, progress=progress,
-    )
+    try:
+        laplace = refine_with_laplace(
+            program(structure, config, minibatch=False), inference.guide, result.params, cells,
+            num_samples=fit.num_posterior_samples, curvature_floor=fit.refine_curvature_floor,
+            hessian_batch=fit.refine_hessian_batch, seed_value=fit.seed + 1, progress=progress,
+        )
+    except FloatingPointError as error:  # keep the fit: the guide's draws, and say why
+        warnings.warn(f"the Laplace refinement failed ({error}); the posterior keeps the guide's draws, whose "
+                      "intervals are too narrow (README, calibration)", stacklevel=3)
+        return None, {"laplace_refinement": f"failed: {error}; the guide's draws are kept"}
     attrs = {"inference": "SVI + Laplace (at the guide's mean, guide-whitened)",
              "laplace_seconds": laplace.seconds, "laplace_gradient_norm": laplace.gradient_norm,
              "laplace_negative_curvature": laplace.n_negative, "laplace_capped": laplace.n_floored,

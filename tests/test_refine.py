@@ -223,3 +223,20 @@ def test_bad_laplace_settings_are_refused():
         RunConfig().replace(fit={"refine_curvature_floor": 0.0})
     with pytest.raises(ValueError, match="refine_hessian_batch must be positive"):
         RunConfig().replace(fit={"refine_hessian_batch": 0})
+
+
+def test_a_failed_laplace_step_keeps_the_guide_with_a_warning(monkeypatch):
+    """A non-finite Hessian must not lose the fit: the run keeps the guide's draws and says why."""
+    import lcd_bayes.run as run_module
+
+    def failing_laplace(*args, **kwargs):
+        raise FloatingPointError("the Hessian of the posterior at the guide's mean is not finite")
+
+    monkeypatch.setattr(run_module, "refine_with_laplace", failing_laplace)
+    adata = simulate(4, cells_per_condition=50, likelihood="gaussian", seed=0)
+    config = RunConfig().replace(model={"likelihood": "gaussian"}, fit={"steps": 200, "num_posterior_samples": 40})
+    with pytest.warns(UserWarning, match="Laplace refinement failed"):
+        run = fit(adata, config=config, refine="laplace", size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    posterior = run.posterior["posterior"]
+    assert posterior.attrs["inference"] == "SVI" and posterior.attrs["laplace_refinement"].startswith("failed")
+    assert posterior["drift"].sizes["draw"] == 40 and np.all(np.isfinite(posterior["drift"].values))
