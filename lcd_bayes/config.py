@@ -156,9 +156,10 @@ class FitConfig:
     refine: str = "none"
     refine_warmup: int = 300  # NUTS adaptation steps; the chain then keeps num_posterior_samples draws
     refine_max_tree_depth: int = 8
-    # Laplace: along a direction of curvature h (whitened) the draws take sd 1 / sqrt(max(|h|, floor)),
-    # i.e. at most 1 / sqrt(floor) = 3.2 times the guide's (lcd_bayes.refine says why not more);
-    # directions per vmapped Hessian batch (memory).
+    # Laplace: along an eigen-direction of curvature h (whitened) the draws take sd
+    # 1 / sqrt(max(|h|, c)), c the larger of the prior's curvature there and this floor: never wider
+    # than the prior, nor than 1 / sqrt(floor) = 10x the guide (lcd_bayes.refine); then the number
+    # of directions per vmapped Hessian batch (memory).
     refine_curvature_floor: float = 0.01
     refine_hessian_batch: int = 16
     seed: int = 0
