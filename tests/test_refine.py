@@ -115,12 +115,18 @@ def test_a_failed_chain_is_discarded_for_the_guide_with_a_warning(monkeypatch):
         return refine.Refinement(latent={}, divergences=num_samples // 2, mean_tree_size=255.0, seconds=1.0)
 
     monkeypatch.setattr(run_module, "refine_with_nuts", failing_chain)
+    assert_guide_kept_after_failure("nuts", "NUTS refinement failed: 20 of 40 draws diverged", "nuts_refinement")
+
+
+def assert_guide_kept_after_failure(refinement: str, warning: str, attribute: str):
+    """A 4-gene fit whose (patched) refinement fails: it warns, keeps the guide's finite draws and
+    records why in ``attribute``."""
     adata = simulate(4, cells_per_condition=50, likelihood="gaussian", seed=0)
     config = RunConfig().replace(model={"likelihood": "gaussian"}, fit={"steps": 200, "num_posterior_samples": 40})
-    with pytest.warns(UserWarning, match="NUTS refinement failed: 20 of 40 draws diverged"):
-        run = fit(adata, config=config, refine="nuts", size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    with pytest.warns(UserWarning, match=warning):
+        run = fit(adata, config=config, refine=refinement, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
     posterior = run.posterior["posterior"]
-    assert posterior.attrs["inference"] == "SVI" and posterior.attrs["nuts_refinement"].startswith("failed")
+    assert posterior.attrs["inference"] == "SVI" and posterior.attrs[attribute].startswith("failed")
     assert posterior["drift"].sizes["draw"] == 40 and np.all(np.isfinite(posterior["drift"].values))
 
 
@@ -233,10 +239,4 @@ def test_a_failed_laplace_step_keeps_the_guide_with_a_warning(monkeypatch):
         raise FloatingPointError("the Hessian of the posterior at the guide's mean is not finite")
 
     monkeypatch.setattr(run_module, "refine_with_laplace", failing_laplace)
-    adata = simulate(4, cells_per_condition=50, likelihood="gaussian", seed=0)
-    config = RunConfig().replace(model={"likelihood": "gaussian"}, fit={"steps": 200, "num_posterior_samples": 40})
-    with pytest.warns(UserWarning, match="Laplace refinement failed"):
-        run = fit(adata, config=config, refine="laplace", size_factor_key=LIBRARY_SIZE_KEY, progress=False)
-    posterior = run.posterior["posterior"]
-    assert posterior.attrs["inference"] == "SVI" and posterior.attrs["laplace_refinement"].startswith("failed")
-    assert posterior["drift"].sizes["draw"] == 40 and np.all(np.isfinite(posterior["drift"].values))
+    assert_guide_kept_after_failure("laplace", "Laplace refinement failed", "laplace_refinement")
