@@ -43,12 +43,20 @@ def test_simulate_then_fit_writes_a_run(tmp_path, capsys):
                  "--sep", "+", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "Strongest direct effects" in out and "--refine laplace" in out  # the guide-only hint
+    assert "Strongest direct effects" in out and "--refine nuts" in out  # the guide-only hint, for Gaussian data
     tree = xr.open_datatree(run / "posterior.nc", engine="h5netcdf")
     assert tree["posterior"].sizes["draw"] == 20
     tree.close()
     assert 'likelihood = "gaussian"' in (run / "config.toml").read_text()
     assert "seed = 1" in (run / "config.toml").read_text()
+
+
+def test_guide_only_hint_names_the_refinement_that_calibrates_the_likelihood():
+    from lcd_bayes.cli import _calibrating_refinement
+    from lcd_bayes.config import RunConfig
+
+    assert _calibrating_refinement(RunConfig().replace(model={"likelihood": "nb"})) == "`--refine laplace`"
+    assert _calibrating_refinement(RunConfig().replace(model={"likelihood": "gaussian"})).startswith("`--refine nuts`")
 
 
 def test_bad_input_exits_with_a_message_not_a_traceback(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Recovery of known causal effects from simulated screens (design section 7 protocol, d = 20,
-every gene perturbed once, 200 cells per condition), with the shipped default model and the Laplace
-refinement (``refine = "laplace"``): edges ranked by CLIPR's posterior edge probability, and the
-credible intervals calibrated."""
+every gene perturbed once, 200 cells per condition), with the shipped default model and the
+refinement that calibrates each likelihood (README, calibration): a NUTS chain for Gaussian data
+(minutes), the Laplace step for counts (a chain would take hours on a CPU). Edges are ranked by
+CLIPR's posterior edge probability, and the credible intervals must be calibrated."""
 import numpy as np
 import pytest
 
@@ -11,21 +12,22 @@ from lcd_bayes.run import fit
 from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
-# Measured (seed 0, the same SVI fits refined with other draws' keys): AUROC of prob_edge gaussian
-# 1.00, nb 0.97; 50% / 90% HDI coverage of the true edges gaussian 0.45 / 0.87, nb 0.48 / 0.82
-# (the guide alone: 0.30 / 0.75 and 0.26 / 0.65); of all ordered pairs gaussian 0.68 / 0.91, nb
-# 0.70 / 0.90. The issue's bands are 40-65% and 80-97%. The true edges must sit inside both; over all
-# pairs the 90% band holds, while the 50% coverage sits above 65% because the absent edges (true
-# effect exactly 0, 71% of the pairs) lie in the horseshoe's spike at 0, as they do under NUTS
-# (README, calibration): it is allowed up to 0.75.
+# Measured on seed 0: AUROC of prob_edge gaussian (NUTS) 1.00, nb (Laplace) 0.97; 50% / 90% HDI
+# coverage of the true edges gaussian 0.49 / 0.92, nb 0.46 / 0.84 (the guide alone: 0.30 / 0.75 and
+# 0.26 / 0.65). The issue's bands are 40-65% and 80-97%, and the true edges must sit inside both.
+# Over all ordered pairs the intervals must not be too narrow (at least the bands' lower ends), but
+# they may cover more than the bands' upper ends: the absent edges (true effect exactly 0, 71% of
+# the pairs) lie in the horseshoe's spike at 0, and the exact posterior covers them 91% / 98% of the
+# time, so its all-pairs coverage is ~0.80 / ~0.97 (README, calibration). That the spike covers the
+# absent edges at least at the nominal 90% rate is asserted too.
 @pytest.mark.slow
-@pytest.mark.parametrize("likelihood, min_auroc", [("gaussian", 0.95), ("nb", 0.90)])
-def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood, min_auroc):
+@pytest.mark.parametrize("likelihood, refine, min_auroc", [("gaussian", "nuts", 0.95), ("nb", "laplace", 0.90)])
+def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood, refine, min_auroc):
     adata = simulate(20, cells_per_condition=200, likelihood=likelihood, seed=0)
     truth = truth_from_uns(adata)["effect"]
     # Size factors from the simulated library sizes: the totals of a 20-gene panel move with the
     # perturbations and absorb part of their effect.
-    run = fit(adata, likelihood=likelihood, seed=0, size_factor_key=LIBRARY_SIZE_KEY, refine="laplace",
+    run = fit(adata, likelihood=likelihood, seed=0, size_factor_key=LIBRARY_SIZE_KEY, refine=refine,
               progress=False)
     effects = posterior_effects(run.posterior)
     prob_edge = edge_summary(effects)["prob_edge"].transpose("source", "target").fillna(0).values
@@ -36,8 +38,8 @@ def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood,
     off = ~np.eye(len(truth), dtype=bool)
     edges = off & (truth != 0)
     coverage = {(prob, name): interval_coverage(effects["effect"], truth, prob, mask)
-                for prob in (0.5, 0.9) for name, mask in (("edges", edges), ("all", off))}
+                for prob in (0.5, 0.9) for name, mask in (("edges", edges), ("all", off), ("absent", off & ~edges))}
     assert 0.40 <= coverage[0.5, "edges"] <= 0.65, coverage
     assert 0.80 <= coverage[0.9, "edges"] <= 0.97, coverage
-    assert 0.80 <= coverage[0.9, "all"] <= 0.97, coverage
-    assert 0.40 <= coverage[0.5, "all"] <= 0.75, coverage
+    assert coverage[0.5, "all"] >= 0.40 and coverage[0.9, "all"] >= 0.80, coverage
+    assert coverage[0.9, "absent"] >= 0.90, coverage
