@@ -75,9 +75,9 @@ def _add_fit(sub):
                         "`simulate` writes 'size_factor'")
     p.add_argument("--refine", choices=("none", "laplace", "nuts"), default=None,
                    help="after SVI, replace the guide's too narrow draws: 'laplace' by the Laplace approximation "
-                        "at the guide's mean (seconds to minutes at 20 genes), 'nuts' by a NUTS chain whitened by "
-                        "the guide (minutes at 20 genes, Gaussian; hours for counts on a CPU); default: the "
-                        "config's")
+                        "at the guide's mean (minutes at 20 genes; calibrates counts), 'nuts' by a NUTS chain "
+                        "whitened by the guide (~2 min at 20 genes with Gaussian data, which it calibrates; hours "
+                        "for counts on a CPU); default: the config's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_fit)
 
