@@ -66,6 +66,13 @@ def score(folder: Path, truth: np.ndarray) -> dict:
     }
 
 
+def refinement_record(attrs) -> dict:
+    """How the posterior was refined, from the run's attributes (README, calibrated intervals)."""
+    keys = ("inference", "laplace_seconds", "laplace_newton_step", "laplace_potential_drop", "laplace_capped",
+            "nuts_seconds", "nuts_divergences", "nuts_mean_tree_size")
+    return {key: getattr(attrs[key], "item", lambda: attrs[key])() for key in keys if key in attrs}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for likelihood, marker in (("gaussian", "o"), ("nb", "s")):
@@ -134,7 +141,8 @@ def main(args):
                         row = {"genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
                                "seed": seed, "guide": config.fit.resolved_guide(genes), "steps": int(run.fit.losses.size),
                                "overrides": args.set, "final_loss": float(np.median(run.fit.losses[-200:])),
-                               **score(folder, truth), "seconds": time.perf_counter() - start}
+                               **score(folder, truth), **refinement_record(run.posterior["posterior"].attrs),
+                               "seconds": time.perf_counter() - start}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     means = seed_means(rows)

@@ -26,6 +26,9 @@ mean and covariance of the guide's draws in the unconstrained space, ``z = m + L
   where the curvature at the guide's mean is nearly flat the draws go as wide as the bound allows,
   and with the floor's 10x alone one 20-gene NB fit drew a self-decay over a several-hundred-fold
   range and put 11% of its draws at the stability limit; with the prior's bound, none.
+  The draws are centred not at the guide's mean itself but a damped Newton step from it along the
+  well-curved directions (``centring_step``): the guide's mean is biased (on a 20-gene fit, 0.55 of
+  NUTS's sds from the chain's mean on the true edges, while the Laplace sds were 0.93x NUTS's).
 
 For the count likelihoods the cell states stay integrated out by the model's importance-weighted
 marginal, with the particle noise fixed (common random numbers), so the potential is a
@@ -68,6 +71,8 @@ class LaplaceRefinement(NamedTuple):
     bound: np.ndarray  # the least curvature each eigenvector is given: the prior's, or the floor
     gradient_norm: float  # |grad U| at the guide's mean, whitened: how far that mean is from a mode
     seconds: float
+    step_length: float = 0.0  # the fraction of the Newton step taken to centre the draws (0: none)
+    potential_drop: float = 0.0  # U(guide's mean) - U(centre) in nats
 
     @property
     def n_negative(self) -> int:
@@ -181,6 +186,32 @@ def whitened_hessian(whitened_potential, latent_dim: int, batch_size: int, progr
     return 0.5 * (hessian + hessian.T)
 
 
+def centring_step(whitened_potential, gradient, eigenvalues, eigenvectors, bound,
+                   max_halvings: int = 10, sufficient_decrease: float = 1e-4) -> tuple[jax.Array, float, float]:
+    """A damped Newton step from the guide's mean toward the posterior's mode, along the
+    eigenvectors whose curvature is positive and above its bound (the data-determined directions;
+    along the funnels' flat or wrongly curved ones there is no mode to step to).
+
+    The full step ``-H^-1 g`` there trusts the quadratic model too far (on a 20-gene fit it raised
+    ``U`` by 8,000 nats), so it is halved until ``U`` falls by at least ``sufficient_decrease``
+    times the model's predicted drop (Armijo backtracking). Returns the step, the fraction of the
+    full step taken (0 when no fraction decreases ``U``) and the drop in ``U``.
+    """
+    whitened_potential = jax.jit(whitened_potential)
+    curved = eigenvalues > bound
+    along = eigenvectors.T @ gradient
+    newton = eigenvectors @ jnp.where(curved, -along / jnp.where(curved, eigenvalues, 1.0), 0.0)
+    slope = float(gradient @ newton)  # < 0: a descent direction
+    start = float(whitened_potential(jnp.zeros_like(gradient)))
+    fraction = 1.0
+    for _ in range(max_halvings + 1):  # a handful of potential evaluations
+        drop = start - float(whitened_potential(fraction * newton))
+        if drop >= -sufficient_decrease * fraction * slope and np.isfinite(drop):
+            return fraction * newton, fraction, drop
+        fraction *= 0.5
+    return jnp.zeros_like(gradient), 0.0, 0.0
+
+
 def laplace_scales(eigenvalues: jax.Array, curvature_floor) -> jax.Array:
     """Sd of the Laplace draws along each eigenvector of the whitened Hessian: ``1 / sqrt(|h|)``,
     at most ``1 / sqrt(curvature_floor)`` (a number, or one per eigenvector). The magnitude, since
@@ -201,7 +232,7 @@ def refine_with_laplace(model, guide, params: dict, cells, *, num_samples: int, 
     def whitened_potential(eps):
         return potential(mean + tril @ eps)
 
-    gradient_norm = float(jnp.linalg.norm(jax.grad(whitened_potential)(jnp.zeros(latent_dim))))
+    gradient = jax.grad(whitened_potential)(jnp.zeros(latent_dim))
     hessian = whitened_hessian(whitened_potential, latent_dim, hessian_batch, progress)
     if not bool(jnp.all(jnp.isfinite(hessian))):
         raise FloatingPointError("the Hessian of the posterior at the guide's mean is not finite; "
@@ -212,8 +243,9 @@ def refine_with_laplace(model, guide, params: dict, cells, *, num_samples: int, 
     prior_hessian = whitened_hessian(lambda eps: prior(mean + tril @ eps), latent_dim, hessian_batch, progress=False)
     prior_curvature = jnp.einsum("ij,ik,kj->j", eigenvectors, prior_hessian, eigenvectors)
     bound = jnp.maximum(prior_curvature, curvature_floor)
+    centre, step_length, drop = centring_step(whitened_potential, gradient, eigenvalues, eigenvectors, bound)
     noise = jax.random.normal(key_draws, (num_samples, latent_dim))
-    eps = (noise * laplace_scales(eigenvalues, bound)) @ eigenvectors.T
+    eps = centre + (noise * laplace_scales(eigenvalues, bound)) @ eigenvectors.T
     latent = constrained_draws(mean + eps @ tril.T, unravel, sites)
-    return LaplaceRefinement(latent, np.asarray(eigenvalues), np.asarray(bound), gradient_norm,
-                             time.perf_counter() - start)
+    return LaplaceRefinement(latent, np.asarray(eigenvalues), np.asarray(bound), float(jnp.linalg.norm(gradient)),
+                             time.perf_counter() - start, step_length, drop)

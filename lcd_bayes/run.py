@@ -235,7 +235,8 @@ def _laplace_draws(inference, result: FitResult, structure: Structure, cells: Ce
     attrs = {"inference": "SVI + Laplace (at the guide's mean, guide-whitened)",
              "laplace_seconds": laplace.seconds, "laplace_gradient_norm": laplace.gradient_norm,
              "laplace_negative_curvature": laplace.n_negative, "laplace_capped": laplace.n_floored,
-             "laplace_median_widening": float(np.median(laplace.widening))}
+             "laplace_median_widening": float(np.median(laplace.widening)),
+             "laplace_newton_step": laplace.step_length, "laplace_potential_drop": laplace.potential_drop}
     return derive_globals(laplace.latent, structure, config.model), attrs
 
 
