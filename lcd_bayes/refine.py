@@ -199,6 +199,8 @@ def centring_step(whitened_potential, gradient, eigenvalues, eigenvectors, bound
     """
     whitened_potential = jax.jit(whitened_potential)
     curved = eigenvalues > bound
+    if not bool(jnp.any(curved)):
+        return jnp.zeros_like(gradient), 0.0, 0.0
     along = eigenvectors.T @ gradient
     newton = eigenvectors @ jnp.where(curved, -along / jnp.where(curved, eigenvalues, 1.0), 0.0)
     slope = float(gradient @ newton)  # < 0: a descent direction

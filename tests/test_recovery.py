@@ -13,7 +13,7 @@ from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
 # Measured on seed 0: AUROC of prob_edge gaussian (NUTS) 1.00, nb (Laplace) 0.97; 50% / 90% HDI
-# coverage of the true edges gaussian 0.49 / 0.92, nb 0.46 / 0.84 (the guide alone: 0.30 / 0.75 and
+# coverage of the true edges gaussian 0.49 / 0.92, nb 0.48 / 0.85 (the guide alone: 0.30 / 0.75 and
 # 0.26 / 0.65). The issue's bands are 40-65% and 80-97%, and the true edges must sit inside both.
 # Over all ordered pairs the intervals must not be too narrow (at least the bands' lower ends), but
 # they may cover more than the bands' upper ends: the absent edges (true effect exactly 0, 71% of
