@@ -158,8 +158,9 @@ class FitConfig:
     refine_max_tree_depth: int = 8
     # Laplace: along an eigen-direction of curvature h (whitened) the draws take sd
     # 1 / sqrt(max(|h|, c)), c the larger of the prior's curvature there and this floor: never wider
-    # than the prior, nor than 1 / sqrt(floor) = 10x the guide (lcd_bayes.refine); then the number
-    # of directions per vmapped Hessian batch (memory).
+    # than the prior, nor than 1 / sqrt(floor) = 10x the guide; their centre is a damped Newton step
+    # from the guide's mean along the directions with h > c (lcd_bayes.refine). Then the number of
+    # directions per vmapped Hessian batch (memory).
     refine_curvature_floor: float = 0.01
     refine_hessian_batch: int = 16
     seed: int = 0

@@ -15,8 +15,8 @@ mean and covariance of the guide's draws in the unconstrained space, ``z = m + L
   ``U(m + L eps)``. In those coordinates the posterior is close to a standard normal except along
   what the guide got wrong, which is what the chain has to explore.
 * ``"laplace"``: the Gaussian with the curvature of the posterior at the guide's mean,
-  ``eps ~ N(0, H^-1)`` with ``H`` the Hessian of ``U(m + L eps)`` at ``eps = 0`` (one
-  Hessian-vector product per latent dimension). Where the guide is too narrow, ``H`` has
+  ``eps ~ N(c, H^-1)`` with ``H`` the Hessian of ``U(m + L eps)`` at ``eps = 0`` (one
+  Hessian-vector product per latent dimension) and ``c`` a damped Newton step (below). Where the guide is too narrow, ``H`` has
   eigenvalues below 1 and the draws widen along them. The guide's mean is not the posterior's
   mode, and in the horseshoe's funnels (absent edges' local scales against their raw weights) the
   curvature there can be negative: along an eigenvector with eigenvalue ``h`` the draws take sd
@@ -71,8 +71,8 @@ class LaplaceRefinement(NamedTuple):
     bound: np.ndarray  # the least curvature each eigenvector is given: the prior's, or the floor
     gradient_norm: float  # |grad U| at the guide's mean, whitened: how far that mean is from a mode
     seconds: float
-    step_length: float = 0.0  # the fraction of the Newton step taken to centre the draws (0: none)
-    potential_drop: float = 0.0  # U(guide's mean) - U(centre) in nats
+    step_length: float  # the fraction of the Newton step taken to centre the draws (0: none)
+    potential_drop: float  # U(guide's mean) - U(centre) in nats
 
     @property
     def n_negative(self) -> int:
