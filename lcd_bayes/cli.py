@@ -113,7 +113,7 @@ def _print_fit(run):
         print(f"Laplace refinement: {attrs['laplace_seconds']:.0f} s; intervals widened by a median "
               f"{attrs['laplace_median_widening']:.2f}x along the guide's directions, "
               f"{attrs['laplace_negative_curvature']} of them curved the wrong way; centred "
-              f"{attrs.get('laplace_newton_step', 0.0):g} of a Newton step from the guide's mean")
+              f"{attrs['laplace_newton_step']:g} of a Newton step from the guide's mean")
     print(format_top_edges(interaction_table(run.posterior)))
     if run.folder is not None:
         print(f"run folder: {run.folder} (posterior.nc, elbo.csv, config.toml)")
