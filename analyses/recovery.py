@@ -68,8 +68,8 @@ def score(folder: Path, truth: np.ndarray) -> dict:
 
 def refinement_record(attrs) -> dict:
     """How the posterior was refined, from the run's attributes (README, calibrated intervals)."""
-    keys = ("inference", "laplace_seconds", "laplace_newton_step", "laplace_potential_drop", "laplace_capped",
-            "nuts_seconds", "nuts_divergences", "nuts_mean_tree_size")
+    keys = ("inference", "refinement_skipped", "laplace_seconds", "laplace_newton_step", "laplace_potential_drop",
+            "laplace_capped", "nuts_seconds", "nuts_divergences", "nuts_mean_tree_size")
     return {key: getattr(attrs[key], "item", lambda: attrs[key])() for key in keys if key in attrs}
 
 
@@ -139,7 +139,8 @@ def main(args):
                         run = fit(adata, folder, config=config, likelihood=likelihood, seed=seed,
                                   size_factor_key=LIBRARY_SIZE_KEY, progress=False)
                         row = {"genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
-                               "seed": seed, "guide": config.fit.resolved_guide(genes), "steps": int(run.fit.losses.size),
+                               "seed": seed, "guide": config.fit.resolved_guide(genes), "refine": run.config.fit.refine,
+                               "steps": int(run.fit.losses.size),
                                "overrides": args.set, "final_loss": float(np.median(run.fit.losses[-200:])),
                                **score(folder, truth), **refinement_record(run.posterior["posterior"].attrs),
                                "seconds": time.perf_counter() - start}

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import REFINEMENTS
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU unless the user asks for an accelerator
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files: never open a window
 # jaxlib's CPU LAPACK calls (Cholesky, solves) go through OpenBLAS, whose threads fight XLA's
@@ -73,11 +75,12 @@ def _add_fit(sub):
     p.add_argument("--size-factor-key", default=None,
                    help="obs column of library sizes for size factors (default: totals of the counts); "
                         "`simulate` writes 'size_factor'")
-    p.add_argument("--refine", choices=("none", "laplace", "nuts"), default=None,
+    p.add_argument("--refine", choices=REFINEMENTS, default=None,
                    help="after SVI, replace the guide's too narrow draws: 'laplace' by the Laplace approximation "
-                        "at the guide's mean (minutes at 20 genes; calibrates counts), 'nuts' by a NUTS chain "
-                        "whitened by the guide (~2 min at 20 genes with Gaussian data, which it calibrates; hours "
-                        "for counts on a CPU); default: the config's")
+                        "near the guide's mean (seconds to minutes at 20 genes; calibrates both likelihoods), "
+                        "'nuts' by a NUTS chain whitened by the guide (~2 min at 20 genes with Gaussian data, "
+                        "closer still; hours for counts on a CPU), 'none' keeps them; default: the config's "
+                        "('auto': laplace up to ~40 genes, none beyond)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_fit)
 
@@ -106,7 +109,9 @@ def _print_fit(run):
     if "nuts_seconds" in attrs:
         print(f"NUTS refinement: {attrs['nuts_seconds']:.0f} s, {attrs['nuts_divergences']} divergent draws, "
               f"{attrs['nuts_mean_tree_size']:.0f} leapfrog steps per draw")
-    if attrs.get("inference") == "SVI":
+    if "refinement_skipped" in attrs:
+        print(f"credible intervals: {attrs['refinement_skipped']}")
+    elif attrs.get("inference") == "SVI":
         print(f"credible intervals: the guide's, too narrow to be calibrated; {_calibrating_refinement(run.config)} "
               "calibrates them (README)")
     if "laplace_seconds" in attrs:
@@ -120,11 +125,12 @@ def _print_fit(run):
 
 
 def _calibrating_refinement(config) -> str:
-    """The refinement measured to calibrate this likelihood at 20 genes (README, calibration): a NUTS
-    chain costs minutes with Gaussian data and hours with counts, where the Laplace step is enough."""
+    """The refinements measured to calibrate this likelihood at 20 genes (README, calibration): the
+    default Laplace step for both; a NUTS chain is closer still with Gaussian data, where it costs
+    minutes (hours with counts)."""
     if config.model.likelihood == "gaussian":
-        return "`--refine nuts` (or the faster, slightly narrower `--refine laplace`)"
-    return "`--refine laplace`"
+        return "`--refine laplace` (the default) or the slower, closer `--refine nuts`"
+    return "`--refine laplace` (the default)"
 
 
 def _add_clipr(sub):
@@ -293,9 +299,9 @@ def _add_demo(sub):
     p.add_argument("--out", default="lcd-demo", help="folder for the simulated data and the run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--refine", choices=("none", "laplace", "nuts"), default="laplace",
-                   help="how the guide's posterior is refined (default laplace: calibrated intervals, about "
-                        "doubling the time; none: the guide's, too narrow)")
+    p.add_argument("--refine", choices=REFINEMENTS, default=None,
+                   help="how the guide's posterior is refined (default: the config's 'auto', here laplace: "
+                        "calibrated intervals, about doubling the time; none: the guide's, too narrow)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
 

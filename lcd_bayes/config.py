@@ -13,7 +13,7 @@ LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
 SCHEMES = ("euler", "trapezoidal")  # of the linear drift's stationary law (lcd_bayes.stationary)
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
-REFINEMENTS = ("none", "laplace", "nuts")
+REFINEMENTS = ("auto", "none", "laplace", "nuts")
 INITS = ("data", "prior")  # where SVI starts (lcd_bayes.initialization)
 # "auto" takes the row-block guide up to this many genes and the mean-field guide beyond: its
 # blocks have ~2d + 5 entries each, so its parameters grow as 2 d^3. A 100-gene NB fit ran its
@@ -150,10 +150,11 @@ class FitConfig:
     checkpoint_every: int = 500
     num_posterior_samples: int = 500
     # After SVI (lcd_bayes.refine), in the coordinates the guide whitens: "laplace" replaces the
-    # guide's draws by the Gaussian with the posterior's curvature at the guide's mean (one Hessian-
+    # guide's draws by the Gaussian with the posterior's curvature near the guide's mean (one Hessian-
     # vector product per latent dimension); "nuts" by a NUTS chain (minutes per 20 genes, Gaussian;
-    # hours for counts on a CPU).
-    refine: str = "none"
+    # hours for counts on a CPU); "none" keeps the guide's, whose intervals are too narrow. "auto":
+    # "laplace" up to refine.MAX_LATENT_DIM latent dimensions (~40 genes), "none" beyond, with a warning.
+    refine: str = "auto"
     refine_warmup: int = 300  # NUTS adaptation steps; the chain then keeps num_posterior_samples draws
     refine_max_tree_depth: int = 8
     # Laplace: along an eigen-direction of curvature h (whitened) the draws take sd

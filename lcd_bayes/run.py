@@ -30,7 +30,7 @@ from .drift_nonlinear import check_fitted_stationarity
 from .fit import FitResult, fit_svi, program
 from .model import CellBatch, Structure, link
 from .posterior import Coords, derive_globals, draw_globals, load_datatree, save_datatree, to_datatree
-from .refine import check_latent_dimension, refine_with_laplace, refine_with_nuts
+from .refine import refine_with_laplace, refine_with_nuts, resolve_refinement
 
 
 class FittedRun(NamedTuple):
@@ -85,10 +85,11 @@ def fit(
     ``adata`` is an AnnData or a path to ``.h5ad``. With ``out`` the run folder is written
     (and an interrupted fit into the same folder resumes from its checkpoint). Arguments left
     as ``None`` take the configuration's values (``models/lcd_linear.toml`` by default).
-    ``refine="laplace"`` replaces the guide's draws by the Laplace approximation at the guide's mean,
-    ``refine="nuts"`` by a NUTS chain on the same program, both in the coordinates the fitted guide
-    whitens (``lcd_bayes.refine``): slower, but their intervals are calibrated where the guide's are
-    too narrow.
+    ``refine="laplace"`` replaces the guide's draws by the Laplace approximation near the guide's
+    mean, ``refine="nuts"`` by a NUTS chain on the same program, both in the coordinates the fitted
+    guide whitens (``lcd_bayes.refine``): slower, but their intervals are calibrated where the guide's
+    are too narrow. The default (``"auto"``, from the configuration) is ``"laplace"`` up to ~40 genes
+    and the guide's draws beyond, with a warning; ``refine="none"`` keeps the guide's draws.
     """
     run_config = config if isinstance(config, RunConfig) else load_config(config)
     run_config = run_config.replace(model={"likelihood": likelihood},
@@ -106,8 +107,12 @@ def fit(
         print(summarize(data), flush=True)
     structure = structure_of(data, run_config)
     cells = CellBatch(data.counts, data.size_factor, data.condition)
-    if run_config.fit.refine != "none":  # refuse a model too large to refine before fitting it
-        check_latent_dimension(program(structure, run_config), cells, run_config.fit.refine)
+    # Resolved before fitting: a model too large for an explicit refinement is refused before any
+    # fitting is spent, and the run's config.toml names the refinement that made its draws.
+    refinement, fallback = resolve_refinement(run_config.fit.refine, program(structure, run_config), cells)
+    run_config = run_config.replace(fit={"refine": refinement})
+    if fallback is not None:
+        warnings.warn(fallback, stacklevel=2)
     folder = Path(out) if out is not None else None
     if folder is not None:
         if (folder / "posterior.nc").exists():
@@ -124,7 +129,7 @@ def fit(
         checkpoint_path=folder / "checkpoint.pkl" if folder else None,
         fingerprint=_fingerprint(data, run_config), progress=progress,
     )
-    draws, attrs = None, {}
+    draws, attrs = None, {} if fallback is None else {"refinement_skipped": fallback}
     if run_config.fit.refine == "nuts":
         draws, attrs = _refined_draws(inference, result, structure, cells, run_config, progress)
     elif run_config.fit.refine == "laplace":

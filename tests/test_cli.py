@@ -24,8 +24,9 @@ def test_fit_flags_match_the_contract():
 def test_refine_is_a_fit_and_demo_choice():
     parser = build_parser()
     assert parser.parse_args(["fit", "x.h5ad", "--out", "r", "--refine", "laplace"]).refine == "laplace"
-    assert parser.parse_args(["fit", "x.h5ad", "--out", "r"]).refine is None  # the config's (none)
-    assert parser.parse_args(["demo"]).refine == "laplace"  # the demo shows calibrated intervals
+    assert parser.parse_args(["fit", "x.h5ad", "--out", "r"]).refine is None  # the config's ("auto")
+    assert parser.parse_args(["demo"]).refine is None  # the config's: the demo shows calibrated intervals
+    assert parser.parse_args(["fit", "x.h5ad", "--out", "r", "--refine", "auto"]).refine == "auto"
 
 
 def test_simulate_then_fit_writes_a_run(tmp_path, capsys):
@@ -43,20 +44,22 @@ def test_simulate_then_fit_writes_a_run(tmp_path, capsys):
                  "--sep", "+", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "Strongest direct effects" in out and "--refine nuts" in out  # the guide-only hint, for Gaussian data
+    # With no --refine, the default refines the guide's draws by the Laplace approximation.
+    assert "Strongest direct effects" in out and "Laplace refinement:" in out
     tree = xr.open_datatree(run / "posterior.nc", engine="h5netcdf")
     assert tree["posterior"].sizes["draw"] == 20
     tree.close()
     assert 'likelihood = "gaussian"' in (run / "config.toml").read_text()
     assert "seed = 1" in (run / "config.toml").read_text()
+    assert 'refine = "laplace"' in (run / "config.toml").read_text()
 
 
 def test_guide_only_hint_names_the_refinement_that_calibrates_the_likelihood():
     from lcd_bayes.cli import _calibrating_refinement
     from lcd_bayes.config import RunConfig
 
-    assert _calibrating_refinement(RunConfig().replace(model={"likelihood": "nb"})) == "`--refine laplace`"
-    assert _calibrating_refinement(RunConfig().replace(model={"likelihood": "gaussian"})).startswith("`--refine nuts`")
+    assert _calibrating_refinement(RunConfig().replace(model={"likelihood": "nb"})) == "`--refine laplace` (the default)"
+    assert "`--refine nuts`" in _calibrating_refinement(RunConfig().replace(model={"likelihood": "gaussian"}))
 
 
 def test_bad_input_exits_with_a_message_not_a_traceback(tmp_path, capsys):

@@ -12,9 +12,10 @@ from lcd_bayes.fit import FitError
 from lcd_bayes.run import fit, load_run
 from lcd_bayes.simulate import simulate
 
+# The SVI loop's plumbing (no refinement: the default one is tested in test_cli and test_recovery).
 TINY = RunConfig().replace(
     fit={"steps": 120, "steps_per_chunk": 20, "checkpoint_every": 20, "num_posterior_samples": 50,
-         "min_steps": 120, "batch_size": 64},
+         "min_steps": 120, "batch_size": 64, "refine": "none"},
     model={"n_doublings": 12},
 )
 

@@ -21,6 +21,7 @@ from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
 from numpyro.infer.initialization import init_to_value
 
 from lcd_bayes import refine
+from lcd_bayes.cli import _print_fit
 from lcd_bayes.config import RunConfig
 from lcd_bayes.run import fit
 from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
@@ -83,6 +84,23 @@ def test_fit_refuses_a_model_too_large_to_refine_before_fitting(monkeypatch, tmp
         fit(adata, tmp_path / "run", config=RunConfig().replace(model={"likelihood": "gaussian"}), refine="nuts",
             size_factor_key=LIBRARY_SIZE_KEY, progress=False)
     assert not (tmp_path / "run").exists()  # nothing written, no SVI spent
+
+
+def test_default_refinement_falls_back_to_the_guide_with_a_warning_when_too_large(monkeypatch, tmp_path, capsys):
+    """``refine = "auto"`` (the default) is the Laplace refinement where the model fits the dense
+    whitening; on a larger model the fit still runs, keeps the guide's draws, and says so."""
+    monkeypatch.setattr(refine, "MAX_LATENT_DIM", 10)
+    adata = simulate(4, cells_per_condition=20, likelihood="gaussian", seed=0)
+    config = RunConfig().replace(model={"likelihood": "gaussian", "n_doublings": 12},
+                                 fit={"steps": 40, "min_steps": 40, "steps_per_chunk": 20, "num_posterior_samples": 20})
+    assert config.fit.refine == "auto"
+    with pytest.warns(UserWarning, match=r"latent dimensions, more than the 10 .*too narrow.*--n-top-genes"):
+        run = fit(adata, tmp_path / "run", config=config, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    posterior = run.posterior["posterior"]
+    assert posterior.attrs["inference"] == "SVI" and "more than the 10" in posterior.attrs["refinement_skipped"]
+    assert 'refine = "none"' in (tmp_path / "run" / "config.toml").read_text()  # what made the draws
+    _print_fit(run)
+    assert "credible intervals: this model has" in capsys.readouterr().out
 
 
 def test_unknown_refinement_is_rejected():
@@ -250,14 +268,16 @@ def test_laplace_scales_take_the_curvature_magnitude_and_cap_the_widening():
     np.testing.assert_allclose(scales, [0.5, 10.0, 10.0, 2.0, 1.0, 0.5], rtol=1e-6)
 
 
-def test_laplace_refined_fit_is_wider_than_the_guide_and_says_how_it_was_made():
+def test_laplace_refined_fit_is_wider_than_the_guide_and_says_how_it_was_made(capsys):
     """On a 4-gene screen the Laplace refinement must widen the guide's intervals on the direct
     effects (the guide's are too narrow, README) and still cover the simulated drift; the run's
     attributes say what was done. (That its sds match NUTS's is tests/test_inference.py's slow test.)"""
     adata = simulate(4, cells_per_condition=100, likelihood="gaussian", seed=0)
     config = RunConfig().replace(model={"likelihood": "gaussian"},
                                  fit={"steps": 1500, "min_steps": 1500, "num_posterior_samples": 400})
-    guide_only = fit(adata, config=config, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    guide_only = fit(adata, config=config, refine="none", size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    _print_fit(guide_only)  # the CLI's summary names the refinements that would calibrate it
+    assert "the guide's, too narrow to be calibrated; `--refine laplace` (the default)" in capsys.readouterr().out
     run = fit(adata, config=config, refine="laplace", size_factor_key=LIBRARY_SIZE_KEY, progress=False)
     posterior = run.posterior["posterior"]
     assert posterior.attrs["inference"].startswith("SVI + Laplace")
