@@ -113,25 +113,19 @@ def derive_globals(latent: dict, structure: Structure, model_config, *, chunk_si
 
 
 def to_datatree(draws: dict[str, np.ndarray], coords: Coords, *, losses: np.ndarray | None = None,
-                attrs: dict | None = None, constant_data: dict | None = None) -> xr.DataTree:
-    """Build the DataTree: ``posterior`` (chain, draw, ...), ``constant_data`` and ``svi``."""
+                attrs: dict | None = None, constant_data: dict | None = None,
+                guide_draws: dict[str, np.ndarray] | None = None) -> xr.DataTree:
+    """Build the DataTree: ``posterior`` (chain, draw, ...), ``constant_data``, ``svi`` and, when
+    given, ``guide_posterior``: the guide's own draws beside refined ones (``lcd_bayes.run``)."""
     coord_values = {
         "gene": list(coords.genes), "source": list(coords.genes), "target": list(coords.genes),
         "perturbation": list(coords.perturbations), "condition": list(coords.conditions),
     }
-    variables = {}
-    for name, value in draws.items():
-        dims = ("chain", "draw") + VARIABLE_DIMS[name]
-        variables[name] = (dims, np.asarray(value)[None])
-    used_dims = {d for name in draws for d in VARIABLE_DIMS[name]}
-    n_draws = next(iter(draws.values())).shape[0]
-    posterior = xr.Dataset(
-        variables,
-        coords={"chain": [0], "draw": np.arange(n_draws), **{d: coord_values[d] for d in used_dims}},
-        attrs={"inference_library": "numpyro", "inference": "SVI", "lcd_bayes_version": __version__,
-               **(attrs or {})},
-    )
+    posterior = _draws_dataset(draws, coord_values, {"inference_library": "numpyro", "inference": "SVI",
+                                                     "lcd_bayes_version": __version__, **(attrs or {})})
     groups = {"posterior": posterior}
+    if guide_draws is not None:
+        groups["guide_posterior"] = _draws_dataset(guide_draws, coord_values, {"inference": "SVI"})
     if constant_data:
         groups["constant_data"] = xr.Dataset(
             {k: (dims, np.asarray(v)) for k, (dims, v) in constant_data.items()},
@@ -141,6 +135,16 @@ def to_datatree(draws: dict[str, np.ndarray], coords: Coords, *, losses: np.ndar
         groups["svi"] = xr.Dataset({"loss": (("step",), np.asarray(losses))},
                                    coords={"step": np.arange(len(losses))})
     return xr.DataTree.from_dict(groups)
+
+
+def _draws_dataset(draws: dict[str, np.ndarray], coord_values: dict, attrs: dict) -> xr.Dataset:
+    """Draws ``(draw, ...)`` of one chain as a Dataset with dims ``(chain, draw, ...)``."""
+    variables = {name: (("chain", "draw") + VARIABLE_DIMS[name], np.asarray(value)[None])
+                 for name, value in draws.items()}
+    used_dims = {d for name in draws for d in VARIABLE_DIMS[name]}
+    n_draws = next(iter(draws.values())).shape[0]
+    return xr.Dataset(variables, attrs=attrs,
+                      coords={"chain": [0], "draw": np.arange(n_draws), **{d: coord_values[d] for d in used_dims}})
 
 
 def stacked_draws(array: xr.DataArray) -> np.ndarray:

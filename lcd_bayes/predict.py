@@ -162,7 +162,10 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
     if int(n_cells) < 1:
         raise ValueError(f"n_cells must be a positive number of cells per condition, not {n_cells}")
     tree, config, record = load_run(run)
-    posterior = tree["posterior"]
+    # A Laplace-refined run keeps the guide's draws too: its Laplace draws are for the effects'
+    # intervals, and cells predicted from them were about twice as far off (lcd_bayes.run).
+    source = "guide_posterior" if "guide_posterior" in tree.children else "posterior"
+    posterior = tree[source]
     model = config.model
     request = parse_request(perturbations, record, has_target_law="shift_mean" in posterior)
     nonlinear = model.drift == "nonlinear"
@@ -200,7 +203,8 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
         space="log1p_normalized" if model.likelihood == "gaussian" else "counts", method="lcd",
         perturbation_key=record["perturbation_key"], control=record["control"], sep=record["sep"],
         uns={"run": str(Path(run).resolve()), "conditions": list(request.conditions),
-             "new_labels": list(request.new_labels), "n_draws": int(used.size), "interval": INTERVAL, "seed": int(seed)},
+             "new_labels": list(request.new_labels), "n_draws": int(used.size), "draws_from": source,
+             "interval": INTERVAL, "seed": int(seed)},
     )
     adata.obs["size_factor"] = size_factor.reshape(-1)
     adata.obs["draw"] = draw_index.reshape(-1)

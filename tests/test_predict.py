@@ -39,6 +39,8 @@ def test_prediction_layout_and_reproducibility(held_out):
     conditions = list(split.test) + ["ctrl"]
     assert pred.shape == (30 * len(conditions), N_GENES)
     assert pred.uns["lcd_bayes"]["conditions"] == conditions
+    # The run was Laplace-refined (the default): cells come from the guide's draws kept beside.
+    assert pred.uns["lcd_bayes"]["draws_from"] == "guide_posterior"
     assert pred.obs["condition"].value_counts().to_dict() == {c: 30 for c in conditions}
     counts = np.asarray(pred.X)
     assert (counts >= 0).all() and np.array_equal(counts, np.round(counts))

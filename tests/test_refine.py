@@ -285,6 +285,10 @@ def test_laplace_refined_fit_is_wider_than_the_guide_and_says_how_it_was_made(ca
     assert 0 <= posterior.attrs["laplace_newton_step"] <= 1 and posterior.attrs["laplace_potential_drop"] >= 0
     assert 'refine = "laplace"' in posterior.attrs["config"]
     assert posterior["drift"].sizes["draw"] == 400
+    # The guide's draws are kept beside the Laplace ones (for predictions): exactly the guide-only fit's.
+    np.testing.assert_array_equal(run.posterior["guide_posterior"]["drift"].values,
+                                  guide_only.posterior["posterior"]["drift"].values)
+    assert "guide_posterior" not in guide_only.posterior.children
     off = ~np.eye(4, dtype=bool)
     ratio = (posterior["drift"].std(("chain", "draw")).values / guide_only.posterior["posterior"]["drift"].std(("chain", "draw")).values)[off]
     assert np.median(ratio) > 1.2, f"Laplace / guide sd of the effects: {np.round(ratio, 2)}"
