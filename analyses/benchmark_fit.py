@@ -110,7 +110,8 @@ def main(args):
                        recovery_against_truth(run.posterior, truth_from_uns(adata)["effect"]).items()},
                 })
                 print(f"  fit: {entry['fit_steps']} steps, converged={entry['converged']}, "
-                      f"{entry['fit_seconds']:.0f} s (refine {entry['refine']}), AUROC {entry['recovery_auroc']:.3f}", flush=True)
+                      f"{entry['fit_seconds']:.0f} s (refine {entry['refine']}), "
+                      f"AUROC {entry['recovery_auroc']:.3f}", flush=True)
             results["runs"].append(entry)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ mean and covariance of the guide's draws in the unconstrained space, ``z = m + L
 * ``"laplace"``: the Gaussian with the curvature of the posterior at the guide's mean,
   ``eps ~ N(c, H^-1)`` with ``H`` the Hessian of ``U(m + L eps)`` at ``eps = 0`` (one
   Hessian-vector product per latent dimension) and ``c`` a damped Newton step (below). Where the
-  guide is too narrow, ``H`` has eigenvalues below 1 and the draws widen along them. The guide's mean is not the posterior's
-  mode, and in the horseshoe's funnels (absent edges' local scales against their raw weights) the
+  guide is too narrow, ``H`` has eigenvalues below 1 and the draws widen along them. The guide's
+  mean is not the posterior's mode, and in the horseshoe's funnels (absent edges' local scales against their raw weights) the
   curvature there can be negative: along an eigenvector with eigenvalue ``h`` the draws take sd
   ``1 / sqrt(max(|h|, c))``, the curvature's magnitude (as saddle-free Newton methods do), where
   ``c`` is the larger of the prior's own curvature along that eigenvector and ``floor``: never
