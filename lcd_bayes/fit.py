@@ -153,7 +153,9 @@ def fit_svi(
     loop updates the progress bar, checks convergence and non-finite losses, and checkpoints.
     """
     fit = config.fit
-    cells = CellBatch(*(jnp.asarray(a) for a in cells))
+    # In random order, so that the model's minibatch windows are random subsets (model.cell_plate).
+    order = np.random.default_rng(fit.seed).permutation(structure.n_cells)
+    cells = CellBatch(*(jnp.asarray(np.asarray(a)[order]) for a in cells))
     inference = build_inference(structure, config, initial_values(cells, structure, config.model, fit.init))
     svi = inference.svi
     key = jax.random.PRNGKey(fit.seed)

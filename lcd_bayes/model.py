@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro.handlers import substitute
 
 from .config import ModelConfig
 from .drift_nonlinear import stationary_law_nonlinear
@@ -258,7 +259,7 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
         noise_sd = per_gene("noise_sd", dist.HalfNormal(jnp.ones(n_genes)))
         # y = x + noise with x ~ N(mu_q, Sigma): x integrates out in closed form.
         marginal_tril = jnp.linalg.cholesky(drift.covariance + jnp.diag(noise_sd**2))
-        with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
+        with cell_plate(structure.n_cells, batch_size) as idx:
             numpyro.sample(
                 "y", dist.MultivariateNormal(drift.means[cells.condition[idx]],
                                              scale_tril=condition_factor(marginal_tril, cells.condition[idx])),
@@ -270,20 +271,40 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
     noise = observation_noise_prior(config, n_genes)
     latent_tril = jnp.linalg.cholesky(drift.covariance)
 
-    with numpyro.plate("cells", structure.n_cells, subsample_size=batch_size) as idx:
-        condition = cells.condition[idx]
+    with cell_plate(structure.n_cells, batch_size) as idx:
+        counts = cells.counts[idx]
         # Centered: x ~ N(mu_q, Sigma) itself is the state law (a non-centered x = mu + L eps
         # reached a higher ELBO on simulated counts but explained the cell-to-cell variance by
         # count noise, inflating the self-decay tenfold).
-        state_law = dist.MultivariateNormal(drift.means[condition], scale_tril=condition_factor(latent_tril, condition))
         proposal = conditional_proposal(cells, idx, structure, config, encoder_hidden, drift, latent_tril)
         key = numpyro.prng_key()
         key = jax.random.PRNGKey(0) if key is None else key  # unseeded traces (shape inference) only
-        latent = proposal.sample(key, (cell_particles,))  # (particles, cells, genes), reparameterized
+        latent = proposal.sample(key, cell_particles)  # (particles, cells, genes), reparameterized
         rate = cells.size_factor[idx, None] * link(latent, config.link) * gene_scale + 1e-6
-        log_weight = (count_distribution(config.likelihood, rate, noise).to_event(1).log_prob(cells.counts[idx])
-                      + state_law.log_prob(latent) - proposal.log_prob(latent))
-        numpyro.factor("y", jax.nn.logsumexp(log_weight, axis=0) - jnp.log(cell_particles))
+        # log p(y | x) + log N(x; mu_q, Sigma) - log q(x), with the parts of log p(y | x) that do
+        # not depend on x added once per cell instead of once per particle.
+        log_weight = rate_log_likelihood(config.likelihood, counts, rate, noise) + proposal.log_density_ratio(latent)
+        numpyro.factor("y", jax.nn.logsumexp(log_weight, axis=0) - jnp.log(cell_particles)
+                       + rate_free_log_likelihood(config.likelihood, counts, noise))
+
+
+def cell_plate(n_cells: int, batch_size: int | None) -> numpyro.plate:
+    """The plate over cells; with ``batch_size`` a minibatch, the ELBO rescaled by the plate.
+
+    The minibatch is a window of ``batch_size`` consecutive cells at a uniformly random start,
+    wrapping around: every cell has the same chance ``batch_size / n_cells`` to be in it, so the
+    estimate stays unbiased, provided the cells are in random order (``fit.fit_svi`` shuffles
+    them once, seeded). It costs a gather; numpyro's own CPU sampler (a sequential Fisher-Yates
+    scan of ``batch_size`` steps) took half of a 100-gene step, and a sort-based permutation of
+    100,000 cells 15 ms.
+    """
+    if batch_size is None or batch_size >= n_cells:
+        return numpyro.plate("cells", n_cells)
+    key = numpyro.prng_key()
+    start = 0 if key is None else jax.random.randint(key, (), 0, n_cells)  # None: unseeded shape traces
+    window = (start + jnp.arange(batch_size)) % n_cells
+    with substitute(data={"cells": window}):
+        return numpyro.plate("cells", n_cells, subsample_size=batch_size)
 
 
 def condition_factor(tril: jax.Array, condition: jax.Array) -> jax.Array:
@@ -312,6 +333,31 @@ def count_distribution(likelihood: str, rate: jax.Array, noise: jax.Array | None
     return dist.Poisson(rate)
 
 
+def rate_log_likelihood(likelihood: str, counts: jax.Array, rate: jax.Array, noise: jax.Array | None) -> jax.Array:
+    """The part of ``log p(y_i | rate)`` (summed over genes) that depends on the rate.
+
+    With ``rate_free_log_likelihood`` it adds up to ``count_distribution(...).log_prob``; split so
+    that the log-gamma terms, which do not depend on the state, are not evaluated per particle.
+    NB2: ``y log mu - (phi + y) log(phi + mu)``; Poisson: ``y log mu - mu``.
+    """
+    if likelihood == "nb":
+        return jnp.sum(counts * jnp.log(rate) - (noise + counts) * jnp.log(noise + rate), axis=-1)
+    if likelihood == "poisson":
+        return jnp.sum(counts * jnp.log(rate) - rate, axis=-1)
+    return count_distribution(likelihood, rate, noise).to_event(1).log_prob(counts)
+
+
+def rate_free_log_likelihood(likelihood: str, counts: jax.Array, noise: jax.Array | None) -> jax.Array:
+    """The rest of ``log p(y_i | rate)``: NB2 ``lgamma(y + phi) - lgamma(phi) - lgamma(y + 1) +
+    phi log phi``; Poisson ``-lgamma(y + 1)``; 0 where ``rate_log_likelihood`` holds it all."""
+    if likelihood == "nb":
+        return jnp.sum(jax.scipy.special.gammaln(counts + noise) - jax.scipy.special.gammaln(noise)
+                       - jax.scipy.special.gammaln(counts + 1.0) + noise * jnp.log(noise), axis=-1)
+    if likelihood == "poisson":
+        return -jnp.sum(jax.scipy.special.gammaln(counts + 1.0), axis=-1)
+    return jnp.zeros(counts.shape[:-1])
+
+
 def crude_latent(counts: jax.Array, size_factor: jax.Array, gene_scale_center: jax.Array, link_name: str):
     """A per-cell guess of x from its counts alone: the inverse link of the normalized counts."""
     normalized = (counts + 0.5) / (size_factor[:, None] * jnp.exp(gene_scale_center))
@@ -338,30 +384,86 @@ def pseudo_observation(cells: CellBatch, idx, structure: Structure, config: Mode
     return guess + correction + condition_offset[cells.condition[idx]]
 
 
+class ConditionalProposal(NamedTuple):
+    """``q(x_i | y_i, globals)`` proportional to ``N(x; mu_q, Sigma) N(m_i; x, P^-1)``, the state
+    law times the encoder's Gaussian pseudo-likelihood, held so that sampling costs one matrix
+    product per draw and ``log N(x; mu_q, Sigma) - log q(x)`` only elementwise work.
+
+    With ``Sigma = L L^T`` and ``M = I + L^T P L = C C^T`` (eigenvalues >= 1, so well conditioned
+    however ill-conditioned ``Sigma`` is), ``K = C^-1 L^T`` gives the proposal's covariance
+    ``L M^-1 L^T = K^T K`` and its mean ``mu_q + K^T K P r_i`` with ``r_i = m_i - mu_q``; a draw is
+    ``x = mu_q + K^T (K P r_i + eps)``. Since ``q(x) = N(x; mu_q, Sigma) N(m_i; x, P^-1) / Z_i``
+    with ``Z_i = N(m_i; mu_q, Sigma + P^-1)``, the log density ratio is
+    ``log Z_i - log N(m_i; x, P^-1) = -log|C| - quad_i / 2 + sum_g p_g (m_ig - x_g)^2 / 2``, where
+    ``quad_i = r_i^T (Sigma + P^-1)^-1 r_i = |N^-1 P^(1/2) r_i|^2`` and ``N N^T = I + P^(1/2)
+    Sigma P^(1/2)`` (``|N| = |C|``): a sum of squares, never a difference of large numbers.
+    """
+
+    state_mean: jax.Array  # (cells, genes) mu_q of each cell's condition
+    whitened_mean: jax.Array  # (cells, genes) K P r_i
+    factor: jax.Array  # (genes, genes) K, or per cell (cells, genes, genes) for per-condition laws
+    pseudo_location: jax.Array  # (cells, genes) m_i
+    pseudo_precision: jax.Array  # (genes,) p
+    log_evidence_part: jax.Array  # (cells,) -log|C| - quad_i / 2
+
+    def sample(self, key: jax.Array, particles: int) -> jax.Array:
+        """``(particles, cells, genes)`` draws, reparameterized."""
+        # Threefry's non-partitionable variant draws these ~1.7x faster on a CPU, where they were a
+        # fifth of a 100-gene step; each device draws its own cells' noise, so nothing is sharded.
+        with jax.threefry_partitionable(False):
+            eps = jax.random.normal(key, (particles,) + self.state_mean.shape, self.state_mean.dtype)
+        # The mean's product once per cell, not per particle: the gradient of the per-cell part
+        # then sums the particles before its product, not after.
+        return self.mean() + self.transform(eps)
+
+    def mean(self) -> jax.Array:
+        """``(cells, genes)`` mean of each cell's proposal."""
+        return self.state_mean + self.transform(self.whitened_mean)
+
+    def transform(self, whitened: jax.Array) -> jax.Array:
+        """``K^T w`` for whitened vectors ``w`` (..., cells, genes)."""
+        if self.factor.ndim == 2:
+            return whitened @ self.factor
+        return jnp.einsum("...cj,cji->...ci", whitened, self.factor)
+
+    def log_density_ratio(self, latent: jax.Array) -> jax.Array:
+        """``log N(x; mu_q, Sigma) - log q(x)`` for draws ``latent`` (..., cells, genes)."""
+        misfit = jnp.sum(self.pseudo_precision * (self.pseudo_location - latent) ** 2, axis=-1)
+        return self.log_evidence_part + 0.5 * misfit
+
+
 def conditional_proposal(cells: CellBatch, idx, structure: Structure, config: ModelConfig, hidden: int,
-                         drift: Drift, state_tril: jax.Array) -> dist.MultivariateNormal:
+                         drift: Drift, state_tril: jax.Array) -> ConditionalProposal:
     """``q(x_i | y_i, globals)``: the state law ``N(mu_q, Sigma)`` of the current global draw
     times a Gaussian pseudo-likelihood ``N(m_i, P^{-1})`` from the encoder, in closed form.
 
     Because the proposal moves with the drawn drift (a draw with a larger stationary variance
     widens it), draws of the globals along the count model's weakly identified directions (the
     latent scale against count noise) are not penalized by a cell guide fitted to one of them.
+    ``state_tril`` is the Cholesky factor of ``Sigma``, shared (genes, genes) or per condition.
     """
     observed = pseudo_observation(cells, idx, structure, config, hidden)
     pseudo_precision = numpyro.param("encoder_precision", jnp.full(structure.n_genes, 10.0),
                                      constraint=dist.constraints.positive)
-    # Precision Sigma^-1 + P without inverting Sigma (ill-conditioned in float32 at 100 genes):
-    # with Sigma = L L^T (state_tril: shared or per condition), the covariance is L M^-1 L^T where
-    # M = I + L^T P L has eigenvalues >= 1.
-    scaled = jnp.sqrt(pseudo_precision)[:, None] * state_tril
-    m_tril = jnp.linalg.cholesky(jnp.eye(structure.n_genes) + jnp.swapaxes(scaled, -1, -2) @ scaled)
-    half = jnp.swapaxes(jax.scipy.linalg.solve_triangular(m_tril, jnp.swapaxes(state_tril, -1, -2), lower=True), -1, -2)
-    covariance = half @ jnp.swapaxes(half, -1, -2)  # L M^-1 L^T
-    # Mean: covariance (Sigma^-1 mu_q + P m_i) = L M^-1 L^-1 mu_q + covariance P m_i.
-    whitened_mean = jax.scipy.linalg.solve_triangular(state_tril, drift.means[..., None], lower=True)
-    prior_part = (half @ jax.scipy.linalg.solve_triangular(m_tril, whitened_mean, lower=True))[..., 0]
+    eye = jnp.eye(structure.n_genes, dtype=state_tril.dtype)
+    root = jnp.sqrt(pseudo_precision)
+    scaled = root[:, None] * state_tril  # P^(1/2) L
+    m_tril = jnp.linalg.cholesky(eye + jnp.swapaxes(scaled, -1, -2) @ scaled)  # C
+    n_tril = jnp.linalg.cholesky(eye + scaled @ jnp.swapaxes(scaled, -1, -2))  # N
+    factor_t = jax.scipy.linalg.solve_triangular(m_tril, jnp.swapaxes(state_tril, -1, -2), lower=True)  # K
+    n_inverse = jax.scipy.linalg.solve_triangular(n_tril, jnp.broadcast_to(eye, n_tril.shape), lower=True)
+    log_det = jnp.sum(jnp.log(jnp.diagonal(m_tril, axis1=-2, axis2=-1)), axis=-1)
+
     condition = cells.condition[idx]
-    cell_covariance = condition_factor(covariance, condition)
-    mean = prior_part[condition] + jnp.einsum("...ij,...j->...i", cell_covariance, pseudo_precision * observed)
-    tril = condition_factor(jnp.linalg.cholesky(covariance), condition)
-    return dist.MultivariateNormal(mean, scale_tril=tril)
+    state_mean = drift.means[condition]
+    residual = observed - state_mean
+    weighted = pseudo_precision * residual
+    if state_tril.ndim == 2:
+        whitened_mean = weighted @ factor_t.T
+        standardized = (root * residual) @ n_inverse.T
+    else:  # one law per condition: each cell takes its condition's factors
+        factor_t, n_inverse, log_det = factor_t[condition], n_inverse[condition], log_det[condition]
+        whitened_mean = jnp.einsum("cij,cj->ci", factor_t, weighted)
+        standardized = jnp.einsum("cij,cj->ci", n_inverse, root * residual)
+    quad = jnp.sum(standardized**2, axis=-1)
+    return ConditionalProposal(state_mean, whitened_mean, factor_t, observed, pseudo_precision, -log_det - 0.5 * quad)

@@ -14,11 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pytest
 from numpyro.handlers import seed, substitute, trace
 from scipy.special import gammaln, logsumexp
 
 from lcd_bayes.config import ModelConfig
-from lcd_bayes.model import CellBatch, Drift, Structure, conditional_proposal, lcd_model
+from lcd_bayes.model import (
+    CellBatch,
+    Drift,
+    Structure,
+    conditional_proposal,
+    count_distribution,
+    lcd_model,
+    rate_free_log_likelihood,
+    rate_log_likelihood,
+)
 
 N_GENES = 2
 DECAY = np.array([2.0, 0.5])  # stationary variances 1/(2 D): 0.25 and 1
@@ -85,27 +95,73 @@ def test_importance_bound_tends_to_the_exact_cell_marginal():
     np.testing.assert_allclose(averages[4096], exact, atol=0.02)
 
 
-def test_conditional_proposal_is_the_state_law_times_the_pseudo_likelihood():
-    covariance = jnp.array([[0.5, 0.2], [0.2, 0.4]])
-    means = jnp.array([[0.3, -1.0]])
+def _proposal(covariance, means, precision_values, condition=None):
     drift = Drift(jnp.zeros((2, 2)), jnp.zeros((0, 2)), jnp.zeros(2), means, covariance)
     cells, structure = _cells(), _structure()
-    precision_values = jnp.array([3.0, 0.5])
+    if condition is not None:
+        cells = cells._replace(condition=condition)
+        structure = structure._replace(design=np.zeros((means.shape[0], 0), np.float32))
 
     def proposal():
         with numpyro.plate("cells", len(COUNTS)) as idx:
             return conditional_proposal(cells, idx, structure, ModelConfig(), 8, drift, jnp.linalg.cholesky(covariance))
 
     fixed = {"encoder_precision": precision_values, "encoder_linear": jnp.zeros((2, 2)),
-             "encoder_condition_offset": jnp.zeros((1, 2)), "encoder_hidden_out": jnp.zeros((8, 2))}
-    q = seed(substitute(proposal, data=fixed), 0)()
+             "encoder_condition_offset": jnp.zeros((means.shape[0], 2)), "encoder_hidden_out": jnp.zeros((8, 2))}
+    return seed(substitute(proposal, data=fixed), 0)()
+
+
+def _expected_law(covariance, mean, precision_values):
+    """The product of N(x; mean, covariance) and N(guess; x, P^-1), normalized: mean and covariance."""
     # With the encoder's corrections at zero its pseudo-observation is each cell's crude guess.
     guess = np.log(np.expm1((COUNTS + 0.5) / (SIZE_FACTOR[:, None] * GENE_SCALE)))
-    precision = np.linalg.inv(covariance) + np.diag(precision_values)
-    expected_cov = np.linalg.inv(precision)
-    expected_mean = (expected_cov @ (np.linalg.inv(covariance) @ np.asarray(means[0])[:, None]
+    expected_cov = np.linalg.inv(np.linalg.inv(covariance) + np.diag(precision_values))
+    expected_mean = (expected_cov @ (np.linalg.inv(covariance) @ mean[:, None]
                                      + (np.asarray(precision_values)[:, None] * guess.T))).T
-    for cov in np.asarray(q.covariance_matrix).reshape(-1, 2, 2):  # shared by the cells
-        np.testing.assert_allclose(cov, expected_cov, rtol=1e-4)
-    np.testing.assert_allclose(q.mean, expected_mean, rtol=1e-4, atol=1e-5)
-    assert isinstance(q, dist.MultivariateNormal)
+    return guess, expected_mean, expected_cov
+
+
+def test_conditional_proposal_is_the_state_law_times_the_pseudo_likelihood():
+    covariance = jnp.array([[0.5, 0.2], [0.2, 0.4]])
+    means = jnp.array([[0.3, -1.0]])
+    precision_values = jnp.array([3.0, 0.5])
+    q = _proposal(covariance, means, precision_values)
+    guess, expected_mean, expected_cov = _expected_law(np.asarray(covariance), np.asarray(means[0]), precision_values)
+    np.testing.assert_allclose(q.pseudo_location, guess, rtol=1e-5)
+    np.testing.assert_allclose(q.factor.T @ q.factor, expected_cov, rtol=1e-4)  # shared by the cells
+    np.testing.assert_allclose(q.mean(), expected_mean, rtol=1e-4, atol=1e-5)
+    # Its draws have that law (moments of 200k draws).
+    draws = np.asarray(q.sample(jax.random.PRNGKey(1), 200_000))
+    np.testing.assert_allclose(draws.mean(axis=0), expected_mean, atol=0.01)
+    np.testing.assert_allclose(np.cov(draws[:, 1].T), expected_cov, atol=0.01)
+    # log N(x; mu, Sigma) - log q(x), computed without any density, equals the densities' difference.
+    x = draws[:5]
+    state = dist.MultivariateNormal(means[0], covariance).log_prob(x)
+    proposal = dist.MultivariateNormal(jnp.asarray(expected_mean), jnp.asarray(expected_cov)).log_prob(x)
+    np.testing.assert_allclose(q.log_density_ratio(jnp.asarray(x)), state - proposal, rtol=1e-4, atol=1e-4)
+
+
+def test_conditional_proposal_with_a_law_per_condition():
+    """The nonlinear drift's laws differ by condition: each cell takes its own condition's."""
+    covariances = jnp.array([[[0.5, 0.2], [0.2, 0.4]], [[1.5, -0.3], [-0.3, 0.2]]])
+    means = jnp.array([[0.3, -1.0], [1.0, 0.5]])
+    precision_values = jnp.array([1.0, 4.0])
+    condition = jnp.array([1, 0, 1], jnp.int32)
+    q = _proposal(covariances, means, precision_values, condition)
+    draws = q.sample(jax.random.PRNGKey(2), 3)
+    for cell, c in enumerate(np.asarray(condition)):
+        _, expected_mean, expected_cov = _expected_law(np.asarray(covariances[c]), np.asarray(means[c]), precision_values)
+        np.testing.assert_allclose(q.factor[cell].T @ q.factor[cell], expected_cov, rtol=1e-4)
+        state = dist.MultivariateNormal(means[c], covariances[c]).log_prob(draws[:, cell])
+        proposal = dist.MultivariateNormal(jnp.asarray(expected_mean[cell]), jnp.asarray(expected_cov)).log_prob(draws[:, cell])
+        np.testing.assert_allclose(q.log_density_ratio(draws)[:, cell], state - proposal, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "poisson", "zip"])
+def test_count_log_likelihood_splits_into_rate_and_rate_free_parts(likelihood):
+    rate = jnp.asarray(np.random.default_rng(0).gamma(2.0, 3.0, size=(4, *COUNTS.shape)), jnp.float32)
+    noise = {"nb": jnp.asarray(CONCENTRATION, jnp.float32), "zip": jnp.array([0.1, 0.3])}.get(likelihood)
+    counts = jnp.asarray(COUNTS)
+    expected = count_distribution(likelihood, rate, noise).to_event(1).log_prob(counts)
+    split = rate_log_likelihood(likelihood, counts, rate, noise) + rate_free_log_likelihood(likelihood, counts, noise)
+    np.testing.assert_allclose(split, expected, rtol=1e-5, atol=1e-4)
