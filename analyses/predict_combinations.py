@@ -32,7 +32,6 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 os.environ.setdefault("MPLBACKEND", "Agg")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .config import REFINEMENTS
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU unless the user asks for an accelerator
+# JAX runs on a GPU when its CUDA build is installed (`lcd-bayes[gpu]`), else on the CPU;
+# JAX_PLATFORMS=cpu forces the CPU.
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files: never open a window
 # jaxlib's CPU LAPACK calls (Cholesky, solves) go through OpenBLAS, whose threads fight XLA's
 # own: on a busy 2-core machine a small solve ran ~100x slower multi-threaded.
