@@ -143,9 +143,14 @@ class FitConfig:
     encoder_hidden: int = 64  # width of the cell encoder (the pseudo-observation of conditional_proposal)
     cell_particles: int = 16  # importance draws per cell for its marginal likelihood (model.lcd_model)
     steps_per_chunk: int = 50  # steps fused into one jitted lax.scan between progress updates
-    convergence_window: int = 500  # steps compared for the convergence check
-    convergence_tol: float = 1e-4  # relative ELBO change between windows that counts as converged
-    convergence_lr_fraction: float = 0.25  # ... and only once the learning rate has decayed this far
+    devices: int = 0  # devices the cells are sharded over in SVI (data parallel); 0: all JAX sees
+    # The fit's guide locations are the running average of the iterates over about the last
+    # average_fraction of the steps (lcd_bayes.fit.averaged). The fit stops before `steps` once
+    # that average moves, over a window of convergence_window steps, by less than
+    # convergence_tol posterior sds (median; 10x that at the 90th percentile), past min_steps.
+    average_fraction: float = 0.33
+    convergence_window: int = 250
+    convergence_tol: float = 0.05
     min_steps: int = 1000
     checkpoint_every: int = 500
     num_posterior_samples: int = 500
@@ -185,6 +190,12 @@ class FitConfig:
             raise ValueError("refine_warmup, refine_max_tree_depth and refine_hessian_batch must be positive")
         if not 0 < self.refine_curvature_floor <= 1:
             raise ValueError(f"refine_curvature_floor must be in (0, 1], got {self.refine_curvature_floor}")
+        if not 0 < self.average_fraction <= 1:
+            raise ValueError(f"average_fraction must be in (0, 1], got {self.average_fraction}")
+        if self.convergence_window < 1 or self.convergence_tol <= 0:
+            raise ValueError("convergence_window and convergence_tol must be positive")
+        if self.devices < 0:
+            raise ValueError(f"devices must be 0 (all) or a positive number of devices, got {self.devices}")
         if self.cell_particles < 1:
             raise ValueError(f"cell_particles must be a positive integer, got {self.cell_particles}")
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from numpyro.handlers import block
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
@@ -33,9 +35,10 @@ class FitError(RuntimeError):
 class FitResult(NamedTuple):
     params: dict  # variational parameters (numpy)
     losses: np.ndarray  # (steps,) negative ELBO per step
-    converged: bool
+    converged: bool  # the averaged posterior stopped moving before the step budget was spent
     seconds: float  # wall time of the optimization, compilation included
     compile_seconds: float
+    movements: tuple  # median movement of the averaged locations per convergence window (posterior sds)
 
 
 class Inference(NamedTuple):
@@ -46,82 +49,161 @@ class Inference(NamedTuple):
     guide: object  # over the global (drift, shift and noise) parameters; the cells are integrated out
 
 
-def program(structure: Structure, config: RunConfig, *, minibatch: bool = True):
+CELL_AXIS = "cells"  # the mesh axis the cells are sharded over in data-parallel SVI
+
+
+def program(structure: Structure, config: RunConfig, *, minibatch: bool = True, devices: int = 1):
     """The model with the screen's structure bound: ``program(...)(cells)``. With ``minibatch``
-    (SVI) it subsamples ``[fit] batch_size`` cells; without (the refining chain) it sees them all."""
+    (SVI) it subsamples ``[fit] batch_size`` cells, split evenly over ``devices``; without (the
+    refinements) it sees them all."""
     fit = config.fit
-    batch_size = fit.batch_size if minibatch and fit.batch_size < structure.n_cells else None
+    batch_size = -(-fit.batch_size // devices) if minibatch and fit.batch_size < structure.n_cells else None
     return functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size,
                              cell_particles=fit.cell_particles, encoder_hidden=fit.encoder_hidden)
 
 
-def build_inference(structure: Structure, config: RunConfig, start: dict | None = None) -> Inference:
+class DataParallelELBO(Trace_ELBO):
+    """``Trace_ELBO`` averaged over the devices of ``axis_name`` inside ``jax.shard_map``: each
+    device estimates the whole ELBO from the same draw of the globals and its own minibatch (the
+    cells plate scales its shard to every cell; ``model.cell_key``), and the mean of these is the
+    estimate from all devices' cells. The guide's parameters are replicated, so differentiating
+    the mean sums the devices' gradients."""
+
+    def __init__(self, axis_name: str):
+        super().__init__()
+        self.axis_name = axis_name
+
+    def loss_with_mutable_state(self, *args, **kwargs):
+        result = super().loss_with_mutable_state(*args, **kwargs)
+        return {**result, "loss": jax.lax.pmean(result["loss"], self.axis_name)}
+
+
+def cell_mesh(fit) -> Mesh | None:
+    """The devices the cells are sharded over (``[fit] devices``; 0: every device of JAX's default
+    backend, on every host once ``jax.distributed.initialize()`` has run); None for one device."""
+    devices = jax.devices()
+    if fit.devices > len(devices):
+        raise FitError(f"[fit] devices = {fit.devices}, but JAX sees {len(devices)} ({devices[0].platform}); "
+                       "set it to at most that, or 0 for all of them.")
+    devices = devices[: fit.devices or len(devices)]
+    return Mesh(np.asarray(devices), (CELL_AXIS,)) if len(devices) > 1 else None
+
+
+def build_inference(structure: Structure, config: RunConfig, start: dict | None = None, *,
+                    devices: int = 1) -> Inference:
     """SVI for the program; the guide starts at the values in ``start`` (``initialization``) where given,
-    at the prior median elsewhere."""
+    at the prior median elsewhere. With several ``devices`` the ELBO is ``DataParallelELBO``."""
     fit = config.fit
-    model = program(structure, config)
+    model = program(structure, config, devices=devices)
     # A Gaussian guide (row-block, mean-field or low-rank; see global_variational_family) over the
     # globals: the per-cell states are integrated out in the model, the summaries are deterministic.
     hidden_summaries = block(model, hide_fn=lambda site: site.get("type") == "deterministic")
     guide = global_variational_family(hidden_summaries, fit.resolved_guide(structure.n_genes), fit,
                                       init_loc_fn=init_at(start or {}))
-    schedule = learning_rate_schedule(fit)
-    optimizer = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(fit.clip_norm), optax.adam(schedule)))
-    svi = SVI(model, guide, optimizer, Trace_ELBO())
+    # The learning rate is a hyperparameter of the optimizer's state, set before every step
+    # (``with_learning_rate``), because when the decay starts is decided during the fit.
+    optimizer = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(fit.clip_norm),
+                                             optax.inject_hyperparams(optax.adam)(learning_rate=fit.learning_rate)))
+    svi = SVI(model, guide, optimizer, DataParallelELBO(CELL_AXIS) if devices > 1 else Trace_ELBO())
     return Inference(svi, model, guide)
 
 
-def learning_rate_schedule(fit):
-    """Warm up to ``learning_rate``, then cosine decay to ``final_lr_fraction`` of it at ``steps``."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=fit.learning_rate * 0.1, peak_value=fit.learning_rate,
-        warmup_steps=min(fit.warmup_steps, fit.steps - 1), decay_steps=fit.steps,
-        end_value=fit.learning_rate * fit.final_lr_fraction,
-    )
+def learning_rate(fit, step):
+    """Warm up from a tenth of ``learning_rate`` over ``warmup_steps``, then a cosine down to
+    ``final_lr_fraction`` of it at ``steps``. Works on numbers and traced arrays alike."""
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.minimum(1.0, step / max(fit.warmup_steps, 1))
+    progress = jnp.clip(step / fit.steps, 0.0, 1.0)
+    cosine = fit.final_lr_fraction + (1.0 - fit.final_lr_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return fit.learning_rate * jnp.where(step < fit.warmup_steps, 0.1 + 0.9 * warmup, cosine)
 
 
-def has_converged(losses: np.ndarray, window: int, tol: float) -> bool:
-    """The ELBO has stopped improving: the median loss of the last ``window`` steps is lower than
-    that of the window before by less than ``tol`` relative to its size. Medians, because a few
-    stray draws can make single steps' losses jump by orders of magnitude."""
-    if losses.size < 2 * window:
-        return False
-    previous, current = np.median(losses[-2 * window:-window]), np.median(losses[-window:])
-    return bool(previous - current < tol * abs(current))
+def with_learning_rate(state, rate):
+    """The SVI state with the optimizer's learning rate set to ``rate``."""
+    step, optax_state = state.optim_state
+    optax_state = optax.tree_utils.tree_set(optax_state, learning_rate=jnp.asarray(rate, jnp.float32))
+    return state._replace(optim_state=(step, optax_state))
 
 
-def stays_converged(losses: np.ndarray, fit) -> bool:
-    """``has_converged`` held at each of the last chunk ends spanning a whole window: a single
-    noisy pair of windows must not end the fit. Computed from the losses alone, so a resumed
-    fit stops exactly where the uninterrupted one would."""
-    patience = max(1, fit.convergence_window // fit.steps_per_chunk)
-    ends = losses.size - fit.steps_per_chunk * np.arange(patience)
-    return all(has_converged(losses[:end], fit.convergence_window, fit.convergence_tol) for end in ends)
+def guide_locations(raw_params: dict) -> dict:
+    """The guide's location parameters (unconstrained, as optimized) by name."""
+    return {name: value for name, value in raw_params.items() if name.endswith("_loc")}
 
 
-def may_stop_early(losses: np.ndarray, fit) -> bool:
-    """The fit may end before ``steps``: past ``min_steps``, the learning rate already annealed to
-    ``convergence_lr_fraction`` of its peak, and the ELBO flat (``stays_converged``). A flat ELBO
-    at a high learning rate is not enough: the guide's parameters still move by more than the
-    posterior sds of well-determined effects. (A 20-gene Gaussian fit given 24000 steps stopped at
-    step 9450, its loss 1140 nats above a 12000-step fit run to the end, effect |z| 1.49 vs 0.97.)"""
-    if losses.size < fit.min_steps:
-        return False
-    annealed = float(learning_rate_schedule(fit)(losses.size)) <= fit.convergence_lr_fraction * fit.learning_rate
-    return annealed and stays_converged(losses, fit)
+def averaged(average: dict, current: dict, step, fraction: float) -> dict:
+    """One step of the running average of the iterates, weight ``1 / (fraction * step)`` on the
+    newest: the iterates of step ``t0`` weigh ``(t0 / t)^(1 / fraction)`` of what they weighed then,
+    so the average covers about the last ``fraction`` of the steps, a window that grows with the
+    fit (Polyak-Ruppert averaging). Adam's iterates jitter around the optimum by an amount set by
+    the learning rate, for well-determined parameters several posterior sds; their average less."""
+    weight = 1.0 / jnp.maximum(1.0, fraction * jnp.asarray(step, jnp.float32))
+    return jax.tree_util.tree_map(lambda mean, value: mean + weight * (value - mean), average, current)
+
+
+def guide_scales(params: dict) -> dict:
+    """The guide's marginal sd of every location parameter, by the location's name, from the
+    constrained parameters of a mean-field (``*_scale``), row-block (``*_scale_tril``) or
+    low-rank (``*_cov_factor`` and ``*_scale``) guide."""
+    scales = {}
+    for name in guide_locations(params):
+        base = name[: -len("_loc")]
+        if f"{base}_scale_tril" in params:
+            scales[name] = np.sqrt(np.sum(np.square(params[f"{base}_scale_tril"]), axis=-1))
+        elif f"{base}_cov_factor" in params:
+            scales[name] = np.sqrt(np.sum(np.square(params[f"{base}_cov_factor"]), axis=-1)
+                                   + np.square(params[f"{base}_scale"]))
+        else:
+            scales[name] = np.asarray(params[f"{base}_scale"])
+    return scales
+
+
+def posterior_movement(previous: dict, current: dict, scales: dict) -> np.ndarray:
+    """``|current - previous| / sd`` of every location parameter, flattened, in posterior sds."""
+    return np.concatenate([np.ravel(np.abs(current[name] - previous[name]) / scales[name]) for name in current])
+
+
+def has_settled(movement: np.ndarray, fit) -> bool:
+    """The averaged posterior means stopped moving over the last window: by less than
+    ``convergence_tol`` posterior sds at the median and ``10 * convergence_tol`` at the 90th
+    percentile (a few weakly determined parameters, such as the local scales of absent edges in
+    the horseshoe's funnels, drift on long after the effects have settled)."""
+    return bool(np.median(movement) < fit.convergence_tol and np.quantile(movement, 0.9) < 10 * fit.convergence_tol)
+
+
+class Progress(NamedTuple):
+    """What the convergence check has seen so far (kept in checkpoints, so that a resumed fit
+    stops exactly where the uninterrupted one would)."""
+
+    window_start: dict | None = None  # the averaged locations at the start of this window
+    movements: tuple = ()  # median movement of the averaged locations per window, in posterior sds
+    settled: bool = False
+
+    def after_chunk(self, fit, step: int, average: dict, scales) -> "Progress":
+        """At the end of each window of ``convergence_window`` steps, compare the averaged
+        locations with the window's start; ``scales()`` gives the guide's current sds."""
+        if step % fit.convergence_window >= fit.steps_per_chunk and self.window_start is not None:
+            return self
+        if self.window_start is None:
+            return self._replace(window_start=average)
+        movement = posterior_movement(self.window_start, average, scales())
+        settled = step >= fit.min_steps and has_settled(movement, fit)
+        return Progress(average, self.movements + (float(np.median(movement)),), settled)
 
 
 class Checkpoint(NamedTuple):
     state: object  # SVIState with numpy leaves
     losses: np.ndarray
     fingerprint: str
+    average: dict  # the running average of the guide's locations
+    progress: Progress
 
 
-def save_checkpoint(path: Path, state, losses: np.ndarray, fingerprint: str) -> None:
+def save_checkpoint(path: Path, state, losses: np.ndarray, fingerprint: str, average: dict, progress: Progress) -> None:
     """Write atomically, so an interruption during the write never corrupts the last checkpoint."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(Checkpoint(jax.device_get(state), np.asarray(losses), fingerprint), f)
+        pickle.dump(Checkpoint(jax.device_get(state), np.asarray(losses), fingerprint, jax.device_get(average),
+                               progress), f)
     os.replace(tmp, path)
 
 
@@ -147,47 +229,82 @@ def fit_svi(
     fingerprint: str = "",
     progress: bool = True,
 ) -> tuple[FitResult, Inference]:
-    """Run SVI until ``config.fit.steps`` or convergence.
+    """Run SVI until the averaged posterior stops moving, or for ``config.fit.steps``.
 
-    Steps run ``steps_per_chunk`` at a time inside one jitted ``lax.scan``; between chunks the
-    loop updates the progress bar, checks convergence and non-finite losses, and checkpoints.
+    Steps run ``steps_per_chunk`` at a time inside one jitted ``lax.scan``, which also keeps the
+    running average of the guide's locations (``averaged``: the fit's result); between chunks the
+    loop updates the progress bar, checks convergence (``Progress``) and non-finite losses, and
+    checkpoints.
     """
     fit = config.fit
-    # In random order, so that the model's minibatch windows are random subsets (model.cell_plate).
+    mesh = cell_mesh(fit)
+    devices = 1 if mesh is None else mesh.size
+    # In random order, so that the model's minibatch windows are random subsets (model.cell_plate);
+    # with several devices, a multiple of their number (up to devices - 1 shuffled cells left out).
     order = np.random.default_rng(fit.seed).permutation(structure.n_cells)
-    cells = CellBatch(*(jnp.asarray(np.asarray(a)[order]) for a in cells))
-    inference = build_inference(structure, config, initial_values(cells, structure, config.model, fit.init))
+    order = order[: structure.n_cells - structure.n_cells % devices]
+    host_cells = CellBatch(*(np.asarray(a)[order] for a in cells))
+    structure = structure._replace(n_cells=order.size)
+    inference = build_inference(structure, config, initial_values(host_cells, structure, config.model, fit.init),
+                                devices=devices)
     svi = inference.svi
     key = jax.random.PRNGKey(fit.seed)
 
-    @jax.jit
-    def run_chunk(state, cells):
-        return jax.lax.scan(lambda s, _: svi.update(s, cells), state, None, length=fit.steps_per_chunk)
+    def locations(state):
+        return guide_locations(svi.optim.get_params(state.optim_state))
+
+    def one_step(state, cells, step):
+        state = with_learning_rate(state, learning_rate(fit, step))
+        # Sharded, the model learns its device's axis at the call (svi.init traces it unsharded).
+        return svi.update(state, cells) if mesh is None else svi.update(state, cells, cell_axis=CELL_AXIS)
+
+    def chunk(state, average, cells, first_step):
+        def scanned(carry, offset):
+            state, average = carry
+            step = first_step + offset
+            state, loss = one_step(state, cells, step)
+            return (state, averaged(average, locations(state), step + 1, fit.average_fraction)), loss
+
+        (state, average), losses = jax.lax.scan(scanned, (state, average), jnp.arange(fit.steps_per_chunk))
+        return state, average, losses
+
+    if mesh is None:
+        cells = CellBatch(*(jnp.asarray(a) for a in host_cells))
+    else:  # cells sharded over the devices, everything else replicated
+        sharding = NamedSharding(mesh, P(CELL_AXIS))
+        cells = CellBatch(*(jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
+                            for a in host_cells))
+        chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(P(), P(), CellBatch(*(P(CELL_AXIS),) * 3), P()),
+                              out_specs=P())
+    run_chunk = jax.jit(chunk)
 
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     start = time.perf_counter()
-    state = svi.init(key, cells)
-    losses = np.zeros(0, dtype=np.float64)
+    state = svi.init(key, host_cells)
+    losses, average, progress_record = np.zeros(0, dtype=np.float64), locations(state), Progress()
     resumed = load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
     if resumed is not None:
-        state = jax.tree_util.tree_map(jnp.asarray, resumed.state)
-        losses = resumed.losses
-    converged = False
+        state, average = jax.tree_util.tree_map(jnp.asarray, (resumed.state, resumed.average))
+        losses, progress_record = resumed.losses, resumed.progress
+
+    def result_params(state, average):
+        """The constrained guide parameters, with the averaged locations."""
+        return jax.device_get(svi.constrain_fn({**svi.optim.get_params(state.optim_state), **average}))
 
     bar = tqdm(total=fit.steps, initial=losses.size, desc="SVI", unit="step", disable=not progress,
                dynamic_ncols=True)
     compile_seconds = 0.0
     try:
-        while losses.size < fit.steps and not converged:
+        while losses.size < fit.steps and not progress_record.settled:
             chunk_start = time.perf_counter()
-            new_state, chunk_losses = run_chunk(state, cells)
+            new_state, new_average, chunk_losses = run_chunk(state, average, cells, losses.size)
             chunk_losses = np.asarray(chunk_losses, dtype=np.float64)
             if compile_seconds == 0.0:
                 compile_seconds = time.perf_counter() - chunk_start
             if not np.all(np.isfinite(chunk_losses)):
                 bad = losses.size + int(np.argmin(np.isfinite(chunk_losses)))
                 if checkpoint_path:
-                    save_checkpoint(checkpoint_path, state, losses, fingerprint)
+                    save_checkpoint(checkpoint_path, state, losses, fingerprint, average, progress_record)
                 raise FitError(
                     f"the ELBO became non-finite at step {bad}. Usual causes: a learning rate too high "
                     f"(now {fit.learning_rate}; set [fit] learning_rate lower in a --config TOML), counts "
@@ -196,19 +313,20 @@ def fit_svi(
                        "stiff draws, or fewer genes. " if config.model.drift == "nonlinear" else "")
                     + (f"The last finite state is saved in {checkpoint_path}." if checkpoint_path else "")
                 )
-            state, losses = new_state, np.concatenate([losses, chunk_losses])
+            state, average, losses = new_state, new_average, np.concatenate([losses, chunk_losses])
+            progress_record = progress_record.after_chunk(
+                fit, losses.size, jax.device_get(average), lambda: guide_scales(result_params(state, average)))
             bar.update(chunk_losses.size)
             bar.set_postfix(elbo=f"{-chunk_losses.mean():.4g}")
             if checkpoint_path and losses.size % fit.checkpoint_every < fit.steps_per_chunk:
-                save_checkpoint(checkpoint_path, state, losses, fingerprint)
-            converged = may_stop_early(losses, fit)
+                save_checkpoint(checkpoint_path, state, losses, fingerprint, average, progress_record)
     except KeyboardInterrupt:
         if checkpoint_path:
-            save_checkpoint(checkpoint_path, state, losses, fingerprint)
+            save_checkpoint(checkpoint_path, state, losses, fingerprint, average, progress_record)
             bar.write(f"interrupted at step {losses.size}; run the same command again to resume.")
         raise
     finally:
         bar.close()
-    params = jax.device_get(svi.get_params(state))
-    result = FitResult(params, losses, converged, time.perf_counter() - start, compile_seconds)
+    result = FitResult(result_params(state, average), losses, progress_record.settled,
+                       time.perf_counter() - start, compile_seconds, progress_record.movements)
     return result, inference

@@ -242,8 +242,10 @@ def inverse_link(rate: jax.Array, name: str) -> jax.Array:
 
 
 def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch_size: int | None = None,
-              cell_particles: int = 1, encoder_hidden: int = 64):
+              cell_particles: int = 1, encoder_hidden: int = 64, cell_axis: str | None = None):
     """The generative program. ``batch_size`` subsamples cells (the ELBO is rescaled by the plate).
+    ``cell_axis``: inside ``jax.shard_map`` over the cells, the mesh axis: each device then draws
+    its own minibatch and importance noise (``cell_key``) from the shared random key.
 
     The per-cell states x_i are integrated out inside the program, as the gaussian likelihood does
     in closed form: each cell's ``log p(y_i | globals)`` enters as its importance-weighted bound
@@ -259,10 +261,13 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
         noise_sd = per_gene("noise_sd", dist.HalfNormal(jnp.ones(n_genes)))
         # y = x + noise with x ~ N(mu_q, Sigma): x integrates out in closed form.
         marginal_tril = jnp.linalg.cholesky(drift.covariance + jnp.diag(noise_sd**2))
-        with cell_plate(structure.n_cells, batch_size) as idx:
+        with cell_plate(structure.n_cells, cells.counts.shape[0], batch_size, cell_axis) as idx:
+            # (Arguments inside the cells plate are traced, so numpyro's validation checks nothing
+            # there, and under jax.shard_map it fails to run at all.)
             numpyro.sample(
                 "y", dist.MultivariateNormal(drift.means[cells.condition[idx]],
-                                             scale_tril=condition_factor(marginal_tril, cells.condition[idx])),
+                                             scale_tril=condition_factor(marginal_tril, cells.condition[idx]),
+                                             validate_args=False),
                 obs=cells.counts[idx],
             )
         return
@@ -271,15 +276,13 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
     noise = observation_noise_prior(config, n_genes)
     latent_tril = jnp.linalg.cholesky(drift.covariance)
 
-    with cell_plate(structure.n_cells, batch_size) as idx:
+    with cell_plate(structure.n_cells, cells.counts.shape[0], batch_size, cell_axis) as idx:
         counts = cells.counts[idx]
         # Centered: x ~ N(mu_q, Sigma) itself is the state law (a non-centered x = mu + L eps
         # reached a higher ELBO on simulated counts but explained the cell-to-cell variance by
         # count noise, inflating the self-decay tenfold).
         proposal = conditional_proposal(cells, idx, structure, config, encoder_hidden, drift, latent_tril)
-        key = numpyro.prng_key()
-        key = jax.random.PRNGKey(0) if key is None else key  # unseeded traces (shape inference) only
-        latent = proposal.sample(key, cell_particles)  # (particles, cells, genes), reparameterized
+        latent = proposal.sample(cell_key(cell_axis), cell_particles)  # (particles, cells, genes), reparameterized
         rate = cells.size_factor[idx, None] * link(latent, config.link) * gene_scale + 1e-6
         # log p(y | x) + log N(x; mu_q, Sigma) - log q(x), with the parts of log p(y | x) that do
         # not depend on x added once per cell instead of once per particle.
@@ -288,21 +291,33 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
                        + rate_free_log_likelihood(config.likelihood, counts, noise))
 
 
-def cell_plate(n_cells: int, batch_size: int | None) -> numpyro.plate:
-    """The plate over cells; with ``batch_size`` a minibatch, the ELBO rescaled by the plate.
-
-    The minibatch is a window of ``batch_size`` consecutive cells at a uniformly random start,
-    wrapping around: every cell has the same chance ``batch_size / n_cells`` to be in it, so the
-    estimate stays unbiased, provided the cells are in random order (``fit.fit_svi`` shuffles
-    them once, seeded). It costs a gather; numpyro's own CPU sampler (a sequential Fisher-Yates
-    scan of ``batch_size`` steps) took half of a 100-gene step, and a sort-based permutation of
-    100,000 cells 15 ms.
-    """
-    if batch_size is None or batch_size >= n_cells:
-        return numpyro.plate("cells", n_cells)
+def cell_key(cell_axis: str | None) -> jax.Array:
+    """A random key for the cells' own randomness: the model's next key, folded with the
+    device's index along ``cell_axis`` (data-parallel SVI) so that devices differ. Unseeded
+    traces (shape inference) get a fixed key."""
     key = numpyro.prng_key()
-    start = 0 if key is None else jax.random.randint(key, (), 0, n_cells)  # None: unseeded shape traces
-    window = (start + jnp.arange(batch_size)) % n_cells
+    if key is None:
+        return jax.random.PRNGKey(0)
+    return key if cell_axis is None else jax.random.fold_in(key, jax.lax.axis_index(cell_axis))
+
+
+def cell_plate(n_cells: int, n_rows: int, batch_size: int | None, cell_axis: str | None = None) -> numpyro.plate:
+    """The plate over the ``n_cells`` cells of the screen, of which the arrays passed in hold
+    ``n_rows`` (all of them, or one device's shard in data-parallel SVI); with ``batch_size`` a
+    minibatch of those rows, the ELBO rescaled by the plate to all ``n_cells``.
+
+    The minibatch is a window of ``batch_size`` consecutive rows at a uniformly random start,
+    wrapping around: every row has the same chance to be in it, so the estimate stays unbiased,
+    provided the cells are in random order (``fit.fit_svi`` shuffles them once, seeded). It
+    costs a gather; numpyro's own CPU sampler (a sequential Fisher-Yates scan of ``batch_size``
+    steps) took half of a 100-gene step, and a sort-based permutation of 100,000 cells 15 ms.
+    """
+    if batch_size is None or batch_size >= n_rows:
+        if n_rows == n_cells:
+            return numpyro.plate("cells", n_cells)
+        batch_size = n_rows
+    start = jax.random.randint(cell_key(cell_axis), (), 0, n_rows)
+    window = (start + jnp.arange(batch_size)) % n_rows
     with substitute(data={"cells": window}):
         return numpyro.plate("cells", n_cells, subsample_size=batch_size)
 
@@ -326,11 +341,12 @@ def observation_noise_prior(config: ModelConfig, n_genes: int) -> jax.Array | No
 
 
 def count_distribution(likelihood: str, rate: jax.Array, noise: jax.Array | None):
+    """``p(y | rate)`` per cell and gene (unvalidated: the arguments are traced arrays)."""
     if likelihood == "nb":
-        return dist.NegativeBinomial2(rate, noise)
+        return dist.NegativeBinomial2(rate, noise, validate_args=False)
     if likelihood == "zip":
-        return dist.ZeroInflatedPoisson(noise, rate)
-    return dist.Poisson(rate)
+        return dist.ZeroInflatedPoisson(noise, rate, validate_args=False)
+    return dist.Poisson(rate, validate_args=False)
 
 
 def rate_log_likelihood(likelihood: str, counts: jax.Array, rate: jax.Array, noise: jax.Array | None) -> jax.Array:
