@@ -54,7 +54,7 @@ def posterior_tree(n_genes: int, n_draws: int, seed: int):
 
 
 def measure(n_genes: int, n_draws: int, chunk_size: int, seed: int) -> dict:
-    from lcd_bayes.clipr import edge_summary, posterior_effects
+    from lcd_bayes.analysis.clipr import edge_summary, posterior_effects
 
     tree = posterior_tree(n_genes, n_draws, seed)
     start = time.perf_counter()

@@ -1,8 +1,8 @@
 """How fast does the LCD fit run, and how long until it converges?
 
 For d genes in {20, 100, 300} (every gene perturbed once, 200 cells per condition, NB counts from
-``lcd_bayes.simulate``, linear or nonlinear as the configuration's drift) this measures, for each
-``--config`` (default: the shipped linear configuration):
+``lcd_bayes.sim.linear.simulate``, linear or nonlinear as the configuration's drift) this measures,
+for each ``--config`` (default: the shipped linear configuration):
 
 * compile time of the jitted SVI chunk,
 * SVI step time: median over many timed chunks after compilation (per step),
@@ -27,13 +27,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads f
 import jax
 import numpy as np
 
+from lcd_bayes.analysis.recovery import recovery_against_truth
 from lcd_bayes.config import load_config
-from lcd_bayes.data import load_perturbation_data
-from lcd_bayes.fit import build_inference
-from lcd_bayes.model import CellBatch
+from lcd_bayes.inference.svi import build_inference
+from lcd_bayes.io.screen import load_perturbation_data
+from lcd_bayes.model.program import CellBatch
 from lcd_bayes.run import fit, structure_of
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
-from lcd_bayes.summary import recovery_against_truth
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
 def step_times(adata, config, n_chunks: int) -> dict:

@@ -2,8 +2,8 @@
 
 Fits a short run on a simulated 100-gene NB screen (prediction cost depends on the shapes, not on
 how well the fit converged: genes, posterior draws, conditions and cells), then times
-``lcd_bayes.predict.predict`` for 10 conditions (8 doubles and 2 singles) at 100 and 1,000 cells
-per condition: the first call (including JAX compilation) and the median of repeated calls.
+``lcd_bayes.analysis.predict.predict`` for 10 conditions (8 doubles and 2 singles) at 100 and 1,000
+cells per condition: the first call (including JAX compilation) and the median of repeated calls.
 
 Writes ``results/benchmark_predict.json``.
 Run: ``uv run python analyses/benchmark_predict.py``.
@@ -20,9 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 
-from lcd_bayes.predict import predict
+from lcd_bayes.analysis.predict import predict
 from lcd_bayes.run import fit
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
 
 
 def main(args):

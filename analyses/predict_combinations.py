@@ -1,7 +1,7 @@
 """Predict held-out double perturbations: LCD (one fit per ``--config``: linear and/or nonlinear
 drift) against the no-change, additive and linear baselines.
 
-Two settings (design section 7):
+Two settings:
 
 * **simulated_linear** and **simulated_nonlinear**: 20-gene NB screens, every gene perturbed
   once plus 10 doubles, from the linear simulator (doubles add up in the latent state; through
@@ -15,8 +15,8 @@ Two settings (design section 7):
   and the default configuration: nothing is tuned on the test doubles.
 
 Every method predicts as many cells per condition as were observed; all are scored by
-``lcd_bayes.evaluate`` (energy distance, MMD, Pearson delta over all and top-20 DE genes, RMSE of
-means) on library-normalized log1p expression of the model's genes.
+``lcd_bayes.analysis.evaluation`` (energy distance, MMD, Pearson delta over all and top-20 DE genes,
+RMSE of means) on library-normalized log1p expression of the model's genes.
 
 Writes ``results/predict_combinations.json``, ``results/predict_combinations.png`` and, per setting
 and method, ``results/predict_combinations/<setting>_<method>/`` (metrics and mean-shift plots).
@@ -39,12 +39,13 @@ import anndata
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lcd_bayes.baselines import BASELINES, predict_baseline
-from lcd_bayes.evaluate import evaluate, write_evaluation
-from lcd_bayes.predict import predict
-from lcd_bayes.run import fit, load_run
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate
-from lcd_bayes.splits import combination_splits, split_anndata
+from lcd_bayes.analysis.baselines import BASELINES, predict_baseline
+from lcd_bayes.analysis.evaluation import evaluate, write_evaluation
+from lcd_bayes.analysis.predict import predict
+from lcd_bayes.analysis.splits import combination_splits, split_anndata
+from lcd_bayes.io.run_folder import load_run
+from lcd_bayes.run import fit
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
 
 METRICS = ("energy_distance", "mmd", "pearson_delta_all", "pearson_delta_top_de", "rmse_mean", "rmse_mean_top_de")
 

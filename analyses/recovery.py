@@ -1,8 +1,8 @@
 """How well do CLIPR's posterior edges recover known causal effects, and are they calibrated?
 
-For simulated linear systems (design section 7: d genes, a fraction of them perturbed, 200 cells
-per condition, Gaussian or NB observations) this fits the default model, runs CLIPR on every
-posterior draw and scores against the true effect matrix:
+For simulated linear systems (docs/model.md, "The simulators": d genes, a fraction of them
+perturbed, 200 cells per condition, Gaussian or NB observations) this fits the default model, runs
+CLIPR on every posterior draw and scores against the true effect matrix:
 
 * AUROC and AUPRC of ``prob_edge`` and of ``|mean|``,
 * sign accuracy of the posterior mean on the true edges,
@@ -28,11 +28,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lcd_bayes.clipr import clipr_run
+from lcd_bayes.analysis.clipr import clipr_run
+from lcd_bayes.analysis.recovery import edge_recovery, interval_coverage, off_diagonal
 from lcd_bayes.config import load_config
-from lcd_bayes.metrics import edge_recovery, interval_coverage, off_diagonal
 from lcd_bayes.run import fit
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
 def score(folder: Path, truth: np.ndarray) -> dict:
@@ -66,7 +66,7 @@ def score(folder: Path, truth: np.ndarray) -> dict:
 
 
 def refinement_record(attrs) -> dict:
-    """How the posterior was refined, from the run's attributes (README, calibrated intervals)."""
+    """How the posterior was refined, from the run's attributes (docs/inference.md, refinements)."""
     keys = ("inference", "refinement_skipped", "laplace_seconds", "laplace_newton_step", "laplace_potential_drop",
             "laplace_capped", "nuts_seconds", "nuts_divergences", "nuts_mean_tree_size")
     return {key: getattr(attrs[key], "item", lambda: attrs[key])() for key in keys if key in attrs}

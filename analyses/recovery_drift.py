@@ -19,9 +19,9 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 
+from lcd_bayes.analysis.recovery import recovery_against_truth
 from lcd_bayes.run import fit
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
-from lcd_bayes.summary import recovery_against_truth
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
 def main(args):

@@ -1,4 +1,4 @@
-"""Command line: a thin layer over the Python API (design section 5)."""
+"""Command line: a thin layer over the Python API (its commands: README.md, "Command line")."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,7 @@ def _add_simulate(sub):
 
 
 def _simulate(args):
-    from .simulate import simulate
+    from .sim.linear import simulate
 
     adata = simulate(
         args.genes, n_perturbed=args.perturbations, n_doubles=args.doubles,
@@ -100,7 +100,7 @@ def _fit(args):
 
 
 def _print_fit(run):
-    from .summary import format_top_edges, interaction_table
+    from .analysis.summary import format_top_edges, interaction_table
 
     result = run.fit
     status = "converged" if result.converged else "stopped at the step limit (not converged)"
@@ -114,7 +114,7 @@ def _print_fit(run):
         print(f"credible intervals: {attrs['refinement_skipped']}")
     elif attrs.get("inference") == "SVI":
         print(f"credible intervals: the guide's, too narrow to be calibrated; {_calibrating_refinement(run.config)} "
-              "calibrates them (README)")
+              "calibrates them (docs/inference.md)")
     if "laplace_seconds" in attrs:
         print(f"Laplace refinement: {attrs['laplace_seconds']:.0f} s; intervals widened by a median "
               f"{attrs['laplace_median_widening']:.2f}x along the guide's directions, "
@@ -126,7 +126,7 @@ def _print_fit(run):
 
 
 def _calibrating_refinement(config) -> str:
-    """The refinements measured to calibrate this likelihood at 20 genes (README, calibration): the
+    """The refinements measured to calibrate this likelihood at 20 genes (docs/inference.md): the
     default Laplace step for both; a NUTS chain is closer still with Gaussian data, where it costs
     minutes (hours with counts)."""
     if config.model.likelihood == "gaussian":
@@ -156,7 +156,7 @@ def _add_clipr(sub):
 
 
 def _clipr(args):
-    from .clipr import clipr_run, format_edges
+    from .analysis.clipr import clipr_run, format_edges
 
     _, table = clipr_run(args.run, ridge=args.ridge, tau=args.tau, hdi_prob=args.hdi_prob,
                          synthetic=not args.no_synthetic)
@@ -178,7 +178,7 @@ def _add_report(sub):
 
 
 def _report(args):
-    from .plots import report_run
+    from .pl import report_run
 
     for path in report_run(args.run, prob_threshold=args.prob_threshold, top=args.top):
         print(f"wrote {path}")
@@ -201,7 +201,7 @@ def _add_predict(sub):
 
 
 def _predict(args):
-    from .predict import predict
+    from .analysis.predict import predict
 
     start = time.perf_counter()
     adata = predict(args.run, args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed)
@@ -220,7 +220,7 @@ def _write_prediction(adata, out: Path, start: float) -> None:
 
 
 def _add_baseline(sub):
-    from .baselines import BASELINES
+    from .analysis.baselines import BASELINES
 
     p = sub.add_parser(
         "baseline", help="predicted cells from a baseline (no change, additive, linear) fitted to training data",
@@ -243,8 +243,8 @@ def _add_baseline(sub):
 
 
 def _baseline(args):
-    from .baselines import predict_baseline
-    from .run import read_h5ad
+    from .analysis.baselines import predict_baseline
+    from .io.run_folder import read_h5ad
 
     start = time.perf_counter()
     adata = predict_baseline(
@@ -278,7 +278,7 @@ def _add_evaluate(sub):
 
 
 def _evaluate(args):
-    from .evaluate import evaluate_files
+    from .analysis.evaluation import evaluate_files
 
     table, aggregate, out = evaluate_files(
         args.prediction, args.observed, args.out, perturbation_key=args.perturbation_key,
@@ -312,12 +312,11 @@ def _demo(args):
 
     import numpy as np
 
-    from .clipr import clipr_run
-    from .metrics import interval_coverage
-    from .plots import report_run
+    from .analysis.clipr import clipr_run
+    from .analysis.recovery import interval_coverage, recovery_against_truth
+    from .pl import report_run
     from .run import fit
-    from .simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
-    from .summary import recovery_against_truth
+    from .sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -360,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import DataError
-    from .fit import FitError
+    from .inference.svi import FitError
+    from .io.screen import DataError
 
     try:
         args.func(args)

@@ -8,31 +8,111 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
-SCHEMES = ("euler", "trapezoidal")  # of the linear drift's stationary law (lcd_bayes.stationary)
+# Schemes of the linear drift's stationary law (lcd_bayes.dynamics.stationary).
+SCHEMES = ("euler", "trapezoidal")
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
 REFINEMENTS = ("auto", "none", "laplace", "nuts")
-INITS = ("data", "prior")  # where SVI starts (lcd_bayes.initialization)
+INITS = ("data", "prior")  # where SVI starts (lcd_bayes.inference.initialization)
 # "auto" takes the row-block guide up to this many genes and the mean-field guide beyond: its
 # blocks have ~2d + 5 entries each, so its parameters grow as 2 d^3. A 100-gene NB fit ran its
 # 6000 steps finite once the guide's log q and the horseshoe's shrunk scale were made stable in
 # float32 (before, it went non-finite at step 133, then 695); larger panels are untested.
 ROW_BLOCK_MAX_GENES = 100
 DRIFTS = ("linear", "nonlinear")
+NOISE_KINDS = ("gaussian", "rademacher")  # increments of the particle simulation
+
+
+class SimulationSettings(NamedTuple):
+    """How long, how fine and how many particles; hashable, so it can be a static argument.
+
+    The settings of ``lcd_bayes.dynamics.particles.simulate_stationary``; kept here, beside the
+    configuration that builds them (``ModelConfig.simulation_settings``), so that the
+    configuration does not import the numerics.
+
+    Trade-offs (``lambda`` the slowest relaxation rate of the drift, ``tau ~ 1 / lambda``):
+
+    * ``dt`` — bias and stability against cost. Euler–Maruyama's stationary law is that of the
+      continuous SDE only up to ``O(dt)`` (for a linear drift
+      ``dynamics.stationary.stationary_law`` gives the discrete one exactly), and the chain
+      diverges once ``dt`` exceeds ``2 / |eigenvalue|`` of the drift's Jacobian. Cost per
+      simulated time unit is ``1 / dt``.
+    * ``n_burn_in`` — bias from the start. The distance to stationarity decays like
+      ``exp(-lambda dt n_burn_in)`` for the mean and faster for the covariance (from a common
+      start the spread grows like ``1 - exp(-2 lambda t)``); ``dt n_burn_in`` should be many
+      ``tau`` (10 tau: bias ~ 5e-5 of the initial offset). Starting at a fixed point (``x0``)
+      removes most of the mean's transient. Cost is linear and paid by every particle.
+    * ``n_sample`` and ``n_particles`` — Monte Carlo noise. The standard error of a mean is about
+      ``sd sqrt(2 tau / (dt n_sample)) / sqrt(n_particles)`` (once ``dt n_sample >> tau``), and of
+      a covariance entry relative to its scale similarly. Particles are independent chains, so
+      more particles cut noise without autocorrelation but each pays the burn-in; a longer window
+      amortizes the burn-in but its states are correlated.
+    * ``thin`` — records every ``thin``-th state into the moment sums (an ``O(P d^2)``
+      outer-product update per record, against ``O(P d^2)`` per step for a dense drift). States
+      closer than ~``tau / 2`` apart add little information; thinning more than that discards it.
+      It does not change memory. ``n_sample`` must be a multiple of ``thin`` with at least 4
+      records (two per half of the window for the stationarity check).
+    * ``sigma`` — noise scale of the SDE (a model parameter, not a numerical knob).
+    * ``noise`` — ``"gaussian"`` (default) or ``"rademacher"`` (random signs, 32 per random
+      word). For a linear drift both give exactly the same stationary mean and covariance (only
+      the first two moments of the increment enter); for a nonlinear one the difference is of the
+      same weak order ``O(dt)`` as Euler–Maruyama's own bias (simplified weak Euler scheme).
+      On CPU Gaussian draws dominate the step cost; signs are several times cheaper.
+    * ``checkpoint_segment`` — iterations per ``jax.checkpoint`` segment of the two loops;
+      0 (default) means ~``sqrt(n)`` (a divisor of ``n`` near it when there is one), which
+      minimizes backward memory. Forward-only runs are
+      unaffected.
+    """
+
+    dt: float = 0.01
+    n_burn_in: int = 2000
+    n_sample: int = 2000
+    thin: int = 20
+    n_particles: int = 256
+    sigma: float = 1.0
+    noise: str = "gaussian"
+    checkpoint_segment: int = 0
+
+    @property
+    def n_recorded(self) -> int:
+        """Recorded states per particle, ``n_sample / thin``."""
+        return self.n_sample // self.thin
+
+    def validate(self) -> "SimulationSettings":
+        """Raise ``ValueError`` on settings that cannot run; return ``self``."""
+        if not self.dt > 0:
+            raise ValueError(f"dt must be positive, got {self.dt}")
+        if self.n_burn_in < 0:
+            raise ValueError(f"n_burn_in must be >= 0, got {self.n_burn_in}")
+        if self.thin < 1 or self.n_sample % self.thin:
+            raise ValueError(
+                f"n_sample ({self.n_sample}) must be a positive multiple of thin ({self.thin})")
+        if self.n_recorded < 4:
+            raise ValueError(
+                f"need at least 4 recorded states (n_sample / thin), got {self.n_recorded}")
+        if self.n_particles < 2:
+            raise ValueError(f"need at least 2 particles per condition, got {self.n_particles}")
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
+        if self.checkpoint_segment < 0:
+            raise ValueError(f"checkpoint_segment must be >= 0, got {self.checkpoint_segment}")
+        return self
+
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The generative program's choices and prior scales (design section 2)."""
+    """The generative program's choices and prior scales (docs/model.md)."""
 
     likelihood: str = "nb"
     link: str = "softplus"
     dt: float = 0.01  # step of the discretized SDE
-    # Linear drift: "trapezoidal" (Crank–Nicolson) chains have the SDE's own stationary law for
-    # any dt (stationary.py); "euler" (Euler–Maruyama) ones have variances 1 / (1 - dt D / 2) too
-    # large, which biased the self-decay by ~1 posterior sd at d = 20 (and by far more for fast
+    # Linear drift: "trapezoidal" (Crank–Nicolson) chains have the SDE's own stationary law for any
+    # dt (dynamics/stationary.py); "euler" (Euler–Maruyama) ones have variances 1 / (1 - dt D / 2)
+    # too large, which biased the self-decay by ~1 posterior sd at d = 20 (and by far more for fast
     # genes; D > 2 / dt has no Euler stationary state at all). The nonlinear drift's particle
     # simulation and its LNA stay Euler with sim_dt.
     scheme: str = "trapezoidal"
@@ -51,7 +131,8 @@ class ModelConfig:
     # m ~ Normal(log(decay_prior_median), decay_prior_log_sd) and s ~ HalfNormal(decay_spread_scale)
     # (the same for log concentration around 10 with log-sd 1.5). Under counts, a gene's latent
     # variance (1 / 2D) and its count overdispersion explain the same spread, so each alone is
-    # weakly identified; pooled, the NB d = 20 effect slope went 1.24 -> 1.04 (3 seeds, README).
+    # weakly identified; pooled, the NB d = 20 effect slope went 1.24 -> 1.04 (3 seeds,
+    # docs/model.md).
     # Off by default: at d = 100 (NB) the pooled self-decays ran off together (median 480, effects
     # 77x the truth, AUROC of prob_edge 0.70), where the importance-weighted bound favours a small
     # latent variance.
@@ -72,15 +153,17 @@ class ModelConfig:
     unknown_target_scale: float = 1.0  # ... and for labels without one
     off_target_slab_scale: float = 3.0
     # Drift family: "linear" (A x + b + c, exact Gaussian stationary law) or "nonlinear"
-    # (D (-x + s tanh(R x / s + h)) + b + c, stationary law by simulation; lcd_bayes.drift_nonlinear).
+    # (D (-x + s tanh(R x / s + h)) + b + c, stationary law by simulation;
+    # lcd_bayes.dynamics.nonlinear).
     drift: str = "linear"
     # Nonlinear drift only. Saturation s per gene in latent units, LogNormal(log median, log_sd):
     # regulation moves a gene by at most s; s -> infinity is the linear drift.
     saturation_prior_median: float = 1.0
     saturation_prior_log_sd: float = 1.5
     input_offset_scale: float = 1.0  # h ~ Normal(0, scale): each gene's control point on its tanh
-    # Particle simulation of the stationary law (lcd_bayes.stationary_sim), per SVI step: particles
-    # start from each condition's linear-noise approximation (LNA), so a short burn-in suffices.
+    # Particle simulation of the stationary law (lcd_bayes.dynamics.particles), per SVI step:
+    # particles start from each condition's linear-noise approximation (LNA), so a short burn-in
+    # suffices.
     sim_dt: float = 0.02  # Euler–Maruyama step of the nonlinear chain (and of its LNA)
     sim_burn_in: int = 50  # steps before recording
     sim_steps: int = 100  # recorded window, a multiple of sim_thin
@@ -116,8 +199,6 @@ class ModelConfig:
 
     def simulation_settings(self, particles: int | None = None):
         """The particle simulation of the nonlinear drift's stationary law, as configured."""
-        from .stationary_sim import SimulationSettings
-
         return SimulationSettings(
             dt=self.sim_dt, n_burn_in=self.sim_burn_in, n_sample=self.sim_steps, thin=self.sim_thin,
             n_particles=particles or self.sim_particles, sigma=self.sigma, noise=self.sim_noise,
@@ -134,19 +215,21 @@ class FitConfig:
     final_lr_fraction: float = 0.05
     clip_norm: float = 100.0
     batch_size: int = 1024  # cells per minibatch; the whole data set when smaller
-    guide: str = "auto"  # auto | row_block | mean_field | low_rank (see fit.global_variational_family)
+    # auto | row_block | mean_field | low_rank (see inference.guides.global_variational_family)
+    guide: str = "auto"
     guide_rank: int = 10  # for the low-rank guide
     init_scale: float = 0.05
     # "data": the guide starts at the basal drift and on-target shifts the condition means show
-    # (lcd_bayes.initialization); "prior": those at their prior median (every shift 0).
+    # (lcd_bayes.inference.initialization); "prior": those at their prior median (every shift 0).
     init: str = "data"
     encoder_hidden: int = 64  # width of the cell encoder (the pseudo-observation of conditional_proposal)
-    cell_particles: int = 16  # importance draws per cell for its marginal likelihood (model.lcd_model)
+    # Importance draws per cell for its marginal likelihood (model.program.lcd_model).
+    cell_particles: int = 16
     steps_per_chunk: int = 50  # steps fused into one jitted lax.scan between progress updates
     devices: int = 0  # devices the cells are sharded over in SVI (data parallel); 0: all JAX sees
     # The fit's guide locations are the running average of the iterates over about the last
-    # average_fraction of the steps (lcd_bayes.fit.averaged). The fit stops before `steps` once
-    # that average moves, over a window of convergence_window steps, by less than
+    # average_fraction of the steps (lcd_bayes.inference.svi.averaged). The fit stops before
+    # `steps` once that average moves, over a window of convergence_window steps, by less than
     # convergence_tol posterior sds (median; 10x that at the 90th percentile), past min_steps.
     average_fraction: float = 0.33
     convergence_window: int = 250
@@ -154,19 +237,20 @@ class FitConfig:
     min_steps: int = 1000
     checkpoint_every: int = 500
     num_posterior_samples: int = 500
-    # After SVI (lcd_bayes.refine), in the coordinates the guide whitens: "laplace" replaces the
-    # guide's draws by the Gaussian with the posterior's curvature near the guide's mean (one Hessian-
-    # vector product per latent dimension); "nuts" by a NUTS chain (minutes per 20 genes, Gaussian;
-    # hours for counts on a CPU); "none" keeps the guide's, whose intervals are too narrow. "auto":
-    # "laplace" up to refine.MAX_LATENT_DIM latent dimensions (~40 genes), "none" beyond, with a warning.
+    # After SVI (lcd_bayes.inference.refine), in the coordinates the guide whitens: "laplace"
+    # replaces the guide's draws by the Gaussian with the posterior's curvature near the guide's
+    # mean (one Hessian-vector product per latent dimension); "nuts" by a NUTS chain (minutes per 20
+    # genes, Gaussian; hours for counts on a CPU); "none" keeps the guide's, whose intervals are too
+    # narrow. "auto": "laplace" up to refine.MAX_LATENT_DIM latent dimensions (~40 genes), "none"
+    # beyond, with a warning.
     refine: str = "auto"
     refine_warmup: int = 300  # NUTS adaptation steps; the chain then keeps num_posterior_samples draws
     refine_max_tree_depth: int = 8
     # Laplace: along an eigen-direction of curvature h (whitened) the draws take sd
     # 1 / sqrt(max(|h|, c)), c the larger of the prior's curvature there and this floor: never wider
     # than the prior, nor than 1 / sqrt(floor) = 10x the guide; their centre is a damped Newton step
-    # from the guide's mean along the directions with h > c (lcd_bayes.refine). Then the number of
-    # directions per vmapped Hessian batch (memory).
+    # from the guide's mean along the directions with h > c (lcd_bayes.inference.refine). Then the
+    # number of directions per vmapped Hessian batch (memory).
     refine_curvature_floor: float = 0.01
     refine_hessian_batch: int = 16
     seed: int = 0

@@ -1,36 +1,27 @@
 """Fit from AnnData to a run folder: the user-facing layer over data, model, fit and posterior.
 
-A run folder holds everything needed to inspect or reproduce a fit:
-
-    config.toml      the model and fit settings used (``lcd-bayes fit --config`` reads it back)
-    data.json        how the data were read: keys, labels, genes, conditions, targets
-    elbo.csv         the ELBO at every step
-    posterior.nc     ArviZ DataTree: posterior draws, constant data, the SVI trace
-    params.pkl       the variational parameters
-    summary.txt      the fit's headline numbers
-    checkpoint.pkl   only while a fit is unfinished: resume by running the same command
+What a run folder holds, and how it is written and read back (``load_run``), is
+``lcd_bayes.io.run_folder``'s.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import pickle
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import anndata
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 from .config import RunConfig, load_config
-from .data import PerturbationData, load_perturbation_data, read_targets, summarize
-from .drift_nonlinear import check_fitted_stationarity
-from .fit import FitResult, fit_svi, program
-from .model import CellBatch, Structure, link
-from .posterior import Coords, derive_globals, draw_globals, load_datatree, save_datatree, to_datatree
-from .refine import refine_with_laplace, refine_with_nuts, resolve_refinement
+from .dynamics.nonlinear import check_fitted_stationarity
+from .inference.posterior import Coords, derive_globals, draw_globals, to_datatree
+from .inference.refine import refine_with_laplace, refine_with_nuts, resolve_refinement
+from .inference.svi import FitResult, fit_svi, program
+from .io.run_folder import read_h5ad, start_run_folder, write_run
+from .io.screen import PerturbationData, load_perturbation_data, read_targets, summarize
+from .model.program import CellBatch, Structure, link
 
 
 class FittedRun(NamedTuple):
@@ -87,9 +78,10 @@ def fit(
     as ``None`` take the configuration's values (``models/lcd_linear.toml`` by default).
     ``refine="laplace"`` replaces the guide's draws by the Laplace approximation near the guide's
     mean, ``refine="nuts"`` by a NUTS chain on the same program, both in the coordinates the fitted
-    guide whitens (``lcd_bayes.refine``): slower, but their intervals are calibrated where the guide's
-    are too narrow. The default (``"auto"``, from the configuration) is ``"laplace"`` up to ~40 genes
-    and the guide's draws beyond, with a warning; ``refine="none"`` keeps the guide's draws.
+    guide whitens (``lcd_bayes.inference.refine``): slower, but their intervals are calibrated where
+    the guide's are too narrow. The default (``"auto"``, from the configuration) is ``"laplace"`` up
+    to ~40 genes and the guide's draws beyond, with a warning; ``refine="none"`` keeps the guide's
+    draws.
     """
     run_config = config if isinstance(config, RunConfig) else load_config(config)
     run_config = run_config.replace(model={"likelihood": likelihood},
@@ -115,14 +107,7 @@ def fit(
         warnings.warn(fallback, stacklevel=2)
     folder = Path(out) if out is not None else None
     if folder is not None:
-        if (folder / "posterior.nc").exists():
-            raise FileExistsError(
-                f"{folder} already holds a finished fit (posterior.nc); write to a new --out folder "
-                "or delete the old one"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.toml").write_text(run_config.to_toml())
-        (folder / "data.json").write_text(json.dumps(_data_record(data), indent=1))
+        start_run_folder(folder, run_config, data)
 
     result, inference = fit_svi(
         cells, structure, run_config,
@@ -136,8 +121,9 @@ def fit(
         draws, attrs = _laplace_draws(inference, result, structure, cells, run_config, progress)
     # Laplace draws are calibrated for the effects but not for the sites predictions also need
     # (noise scales, concentrations): held-out doubles were predicted about twice as far off from
-    # them as from the guide's (README, prediction). So the guide's draws are kept beside them,
-    # and lcd_bayes.predict samples cells from those; a NUTS chain's draws serve every use.
+    # them as from the guide's (docs/evaluation.md, "Which draws"). So the guide's draws are kept
+    # beside them, and lcd_bayes.analysis.predict samples cells from those; a NUTS chain's draws
+    # serve every use.
     guide_draws = None
     if draws is None or run_config.fit.refine == "laplace":
         guide_draws = draw_globals(
@@ -161,30 +147,8 @@ def fit(
         guide_draws=guide_draws,
     )
     if folder is not None:
-        _write_run(folder, tree, result)
+        write_run(folder, tree, result)
     return FittedRun(tree, data, run_config, result, folder)
-
-
-def read_h5ad(path: str | Path) -> anndata.AnnData:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    return anndata.read_h5ad(path)
-
-
-def _data_record(data: PerturbationData) -> dict:
-    control = data.condition == 0
-    return {
-        "perturbation_key": data.perturbation_key, "control": data.control, "sep": data.sep,
-        "is_counts": data.is_counts, "genes": list(data.genes), "conditions": list(data.conditions),
-        "perturbations": list(data.perturbations),
-        "targets": {p: [g for g, t in zip(data.genes, row) if t] for p, row in zip(data.perturbations, data.targets)},
-        "cells_per_condition": np.bincount(data.condition, minlength=data.n_conditions).tolist(),
-        "mean_size_factor_log_sd": float(np.std(np.log(data.size_factor))) if data.is_counts else 0.0,
-        # Predicted cells draw library sizes like the control cells': log-normal with these moments.
-        "control_size_factor_log_mean": float(np.mean(np.log(data.size_factor[control]))) if data.is_counts else 0.0,
-        "control_size_factor_log_sd": float(np.std(np.log(data.size_factor[control]))) if data.is_counts else 0.0,
-    }
 
 
 # Above this fraction of divergent draws the refining chain is discarded (the calibrated 20-gene
@@ -215,7 +179,7 @@ def _refined_draws(inference, result: FitResult, structure: Structure, cells: Ce
             f"the NUTS refinement failed: {refinement.divergences} of {fit.num_posterior_samples} draws diverged, "
             "so the chain left the posterior region the fit found (typically toward drifts at the stability "
             "limit, as in screens with few perturbed genes). The posterior keeps the guide's draws, whose "
-            "intervals are too narrow (README, calibration).", stacklevel=3)
+            "intervals are too narrow (docs/inference.md).", stacklevel=3)
         return None, {"nuts_refinement": f"failed: {refinement.divergences} of {fit.num_posterior_samples} "
                                           "draws diverged; the guide's draws are kept"}
     if divergent > 0.05:
@@ -243,7 +207,7 @@ def _laplace_draws(inference, result: FitResult, structure: Structure, cells: Ce
         )
     except FloatingPointError as error:  # keep the fit: the guide's draws, and say why
         warnings.warn(f"the Laplace refinement failed ({error}); the posterior keeps the guide's draws, whose "
-                      "intervals are too narrow (README, calibration)", stacklevel=3)
+                      "intervals are too narrow (docs/inference.md)", stacklevel=3)
         return None, {"laplace_refinement": f"failed: {error}; the guide's draws are kept"}
     attrs = {"inference": "SVI + Laplace (at the guide's mean, guide-whitened)",
              "laplace_seconds": laplace.seconds, "laplace_gradient_norm": laplace.gradient_norm,
@@ -267,30 +231,3 @@ def _warn_unstable(log_radius: np.ndarray, config: RunConfig) -> None:
                f"(now {config.model.max_spectral_radius})"),
             stacklevel=3,
         )
-
-
-def _write_run(folder: Path, tree: xr.DataTree, result: FitResult) -> None:
-    pd.DataFrame({"step": np.arange(result.losses.size), "elbo": -result.losses}).to_csv(
-        folder / "elbo.csv", index=False
-    )
-    with open(folder / "params.pkl", "wb") as f:
-        pickle.dump(result.params, f)
-    save_datatree(tree, folder / "posterior.nc")
-    (folder / "summary.txt").write_text(
-        f"steps: {result.losses.size}\nconverged: {result.converged}\n"
-        f"seconds: {result.seconds:.1f} (compile {result.compile_seconds:.1f})\n"
-        f"final ELBO (mean of last 100 steps): {-result.losses[-100:].mean():.6g}\n"
-    )
-    checkpoint = folder / "checkpoint.pkl"
-    if checkpoint.exists():
-        checkpoint.unlink()  # the fit is complete: params.pkl and posterior.nc supersede it
-
-
-def load_run(folder: str | Path) -> tuple[xr.DataTree, RunConfig, dict]:
-    """The posterior, configuration and data record of a finished run folder."""
-    folder = Path(folder)
-    if not (folder / "posterior.nc").exists():
-        hint = " (an unfinished fit: run the same fit command again to resume)" if (folder / "checkpoint.pkl").exists() else ""
-        raise FileNotFoundError(f"{folder} has no posterior.nc{hint}; create it with `lcd-bayes fit`")
-    return (load_datatree(folder / "posterior.nc"), load_config(folder / "config.toml"),
-            json.loads((folder / "data.json").read_text()))

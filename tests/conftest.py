@@ -28,7 +28,7 @@ def _tiny_gaussian_run_once(tmp_path_factory):
     """One tiny finished fit (4 genes, gaussian), made once per session."""
     from lcd_bayes.config import RunConfig
     from lcd_bayes.run import fit
-    from lcd_bayes.simulate import simulate
+    from lcd_bayes.sim.linear import simulate
 
     config = RunConfig().replace(
         fit={"steps": 60, "steps_per_chunk": 20, "checkpoint_every": 20, "num_posterior_samples": 30,

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lcd_bayes.baselines import BASELINES, predict_baseline
-from lcd_bayes.data import DataError
-from lcd_bayes.expression import UNS_KEY, expression
+from lcd_bayes.analysis.baselines import BASELINES, predict_baseline
+from lcd_bayes.io.expression import UNS_KEY, expression
+from lcd_bayes.io.screen import DataError
 
 GENES = ["g0", "g1", "g2", "g3", "g4"]
 BASE = np.array([20.0, 20.0, 20.0, 40.0, 60.0])

@@ -19,7 +19,7 @@ from numpyro.handlers import seed, substitute, trace
 from scipy.special import gammaln, logsumexp
 
 from lcd_bayes.config import ModelConfig
-from lcd_bayes.model import (
+from lcd_bayes.model.program import (
     CellBatch,
     Drift,
     Structure,

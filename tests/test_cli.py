@@ -1,4 +1,4 @@
-"""The command line follows design section 5: flag names, outputs, errors, help with examples."""
+"""The command line (README.md, "Command line"): flag names, outputs, errors, help with examples."""
 import anndata
 import pytest
 import xarray as xr

@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from lcd_bayes.clipr import (
-    clipr_effects, clipr_run, edge_table, fixed_point, initial_response, limit_response, linear_drift,
+from lcd_bayes.analysis.clipr import (
+    clipr_effects, clipr_run, edge_table, initial_response, limit_response, linear_drift,
     posterior_effects, single_perturbations,
 )
-from lcd_bayes.simulate import random_linear_system
+from lcd_bayes.dynamics.fixed_point import fixed_point
+from lcd_bayes.sim.linear import random_linear_system
 
 COLUMNS = ["source", "target", "mean", "sd", "hdi_low", "hdi_high", "prob_edge", "prob_positive", "prob_negative"]
 

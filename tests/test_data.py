@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from lcd_bayes.data import (
+from lcd_bayes.io.screen import (
     DataError,
     PerturbationData,
     load_perturbation_data,

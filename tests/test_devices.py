@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from lcd_bayes.config import RunConfig
     from lcd_bayes.run import fit
-    from lcd_bayes.simulate import simulate
+    from lcd_bayes.sim.linear import simulate
 
     likelihood, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     adata = simulate(5, cells_per_condition=60, likelihood=likelihood, seed=3)

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from lcd_bayes.data import DataError
-from lcd_bayes.evaluate import (default_length_scales, energy_distance, evaluate, evaluate_files, mmd_rbf,
-                                pearson_delta, rmse, top_de_genes, write_evaluation)
-from lcd_bayes.expression import UNS_KEY, expression, prediction_anndata
+from lcd_bayes.analysis.evaluation import (default_length_scales, energy_distance, evaluate, evaluate_files,
+                                           mmd_rbf, pearson_delta, rmse, top_de_genes, write_evaluation)
+from lcd_bayes.io.expression import UNS_KEY, expression, prediction_anndata
+from lcd_bayes.io.screen import DataError
 
 
 # ----------------------------------------------------------------------------- array metrics

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import lcd_bayes.fit as fit_module
+import lcd_bayes.inference.svi as fit_module
 from lcd_bayes.config import FitConfig, RunConfig
-from lcd_bayes.fit import FitError
-from lcd_bayes.run import fit, load_run
-from lcd_bayes.simulate import simulate
+from lcd_bayes.inference.svi import FitError
+from lcd_bayes.io.run_folder import load_run
+from lcd_bayes.run import fit
+from lcd_bayes.sim.linear import simulate
 
 # The SVI loop's plumbing (no refinement: the default one is tested in test_cli and test_recovery).
 TINY = RunConfig().replace(

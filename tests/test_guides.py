@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from lcd_bayes.config import ROW_BLOCK_MAX_GENES, FitConfig, RunConfig
-from lcd_bayes.fit import build_inference
-from lcd_bayes.guides import RowTransform
-from lcd_bayes.data import load_perturbation_data
-from lcd_bayes.model import CellBatch
+from lcd_bayes.inference.guides import RowTransform
+from lcd_bayes.inference.svi import build_inference
+from lcd_bayes.io.screen import load_perturbation_data
+from lcd_bayes.model.program import CellBatch
 from lcd_bayes.run import structure_of
-from lcd_bayes.simulate import simulate
+from lcd_bayes.sim.linear import simulate
 
 
 def test_row_transform_puts_row_k_of_every_site_in_block_k():
@@ -41,7 +41,7 @@ def test_row_block_guide_scores_its_own_draws_exactly_when_blocks_are_ill_condit
     import numpyro
     import numpyro.distributions as dist
     from numpyro.infer.util import log_density
-    from lcd_bayes.guides import AutoRowBlockNormal
+    from lcd_bayes.inference.guides import AutoRowBlockNormal
 
     rows, columns = 3, 30
 

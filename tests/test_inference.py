@@ -27,13 +27,13 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.initialization import init_to_median
 
 from lcd_bayes.config import RunConfig
-from lcd_bayes.data import load_perturbation_data
-from lcd_bayes.fit import fit_svi, program
-from lcd_bayes.model import CellBatch, lcd_model
-from lcd_bayes.posterior import derive_globals, draw_globals
-from lcd_bayes.refine import refine_with_laplace, refine_with_nuts
+from lcd_bayes.inference.posterior import derive_globals, draw_globals
+from lcd_bayes.inference.refine import refine_with_laplace, refine_with_nuts
+from lcd_bayes.inference.svi import fit_svi, program
+from lcd_bayes.io.screen import load_perturbation_data
+from lcd_bayes.model.program import CellBatch, lcd_model
 from lcd_bayes.run import structure_of
-from lcd_bayes.simulate import simulate, truth_from_uns
+from lcd_bayes.sim.linear import simulate, truth_from_uns
 
 pytestmark = pytest.mark.slow
 
@@ -245,7 +245,7 @@ def test_svi_posterior_agrees_with_nuts(nuts, svi):
 # measured here (key 7), medians of the sd ratios 1.36 (interaction) and 1.28 (self_decay), means a
 # median 0.41 / 0.31 sds off; i.e. conservative on this 4-gene problem, where the horseshoe's
 # funnels are least pinned by data; on 20 genes its intervals are slightly narrower than NUTS's
-# (README). It must never fall back toward the guide's widths (median 0.68-0.80).
+# (docs/inference.md). It must never fall back toward the guide's widths (median 0.68-0.80).
 @pytest.mark.parametrize("refinement, median_sd_ratio", [("refined", (0.8, 1.25)), ("laplace", (0.95, 1.6))])
 def test_refined_posterior_has_the_widths_of_nuts(nuts, refinement, median_sd_ratio, request):
     """The guide's effect sds are 0.48-0.89 of NUTS's (median 0.68); after a refinement (the NUTS

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from lcd_bayes.config import FitConfig, RunConfig
-from lcd_bayes.data import load_perturbation_data
-from lcd_bayes.fit import build_inference
-from lcd_bayes.initialization import data_values, initial_values, label_moves
-from lcd_bayes.model import CellBatch
+from lcd_bayes.inference.initialization import data_values, initial_values, label_moves
+from lcd_bayes.inference.svi import build_inference
+from lcd_bayes.io.screen import load_perturbation_data
+from lcd_bayes.model.program import CellBatch
 from lcd_bayes.run import structure_of
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
 def screen(likelihood: str, config: RunConfig, genes: int = 4, cells: int = 200):

@@ -2,7 +2,7 @@
 import numpy as np
 import xarray as xr
 
-from lcd_bayes.metrics import interval_coverage
+from lcd_bayes.analysis.recovery import interval_coverage
 
 
 def test_interval_coverage_counts_the_true_effects_inside_the_hdi_of_the_selected_pairs():

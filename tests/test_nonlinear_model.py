@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from lcd_bayes import simulate_nonlinear as nl
-from lcd_bayes.clipr import clipr_run, posterior_effects
-from lcd_bayes.config import ModelConfig, RunConfig, load_config
-from lcd_bayes.drift_nonlinear import (
+from lcd_bayes.analysis.clipr import clipr_run, posterior_effects
+from lcd_bayes.analysis.predict import _nonlinear_law, _nonlinear_params, predict
+from lcd_bayes.config import ModelConfig, RunConfig, SimulationSettings, load_config
+from lcd_bayes.dynamics.fixed_point import fixed_point
+from lcd_bayes.dynamics.nonlinear import (
     PARAM_NAMES, drift_jacobian, nonlinear_drift, posterior_drift, stationary_law_nonlinear,
 )
-from lcd_bayes.newton import fixed_point
-from lcd_bayes.posterior import stacked_draws
-from lcd_bayes.predict import _nonlinear_law, _nonlinear_params, predict
-from lcd_bayes.run import fit, load_run
-from lcd_bayes.simulate import simulate
-from lcd_bayes.stationary import stationary_law, stationary_means
-from lcd_bayes.stationary_sim import SimulationSettings
+from lcd_bayes.dynamics.stationary import stationary_law, stationary_means
+from lcd_bayes.inference.posterior import stacked_draws
+from lcd_bayes.io.run_folder import load_run
+from lcd_bayes.run import fit
+from lcd_bayes.sim import nonlinear as nl
+from lcd_bayes.sim.linear import simulate
 
 D = 6
 
@@ -177,7 +177,7 @@ def test_the_fit_checks_that_its_chain_reached_stationarity(nonlinear_run):
     draws = {name: stacked_draws(posterior[name]) for name in (*PARAM_NAMES, "shift")}
     draws["self_decay"] = np.full_like(draws["self_decay"], 20.0)
     design = tree["constant_data"]["design"].transpose("condition", "perturbation").values
-    from lcd_bayes.drift_nonlinear import check_fitted_stationarity
+    from lcd_bayes.dynamics.nonlinear import check_fitted_stationarity
     stiff = ModelConfig(drift="nonlinear", sim_dt=0.2, sim_burn_in=20, sim_steps=40, sim_thin=10)
     report = check_fitted_stationarity(draws, design, stiff)
     assert not report and "diverged" in report.message and "decrease dt" in report.message

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lcd_bayes.plots import plot_elbo, report_run
+from lcd_bayes.pl import plot_elbo, report_run
 
 
 def test_report_writes_four_figures_and_computes_clipr_first(tiny_run):

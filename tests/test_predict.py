@@ -2,15 +2,15 @@
 import numpy as np
 import pytest
 
-from lcd_bayes.baselines import predict_baseline
+from lcd_bayes.analysis.baselines import predict_baseline
+from lcd_bayes.analysis.evaluation import evaluate
+from lcd_bayes.analysis.predict import predict
+from lcd_bayes.analysis.splits import combination_splits, split_anndata
 from lcd_bayes.cli import main
 from lcd_bayes.config import RunConfig
-from lcd_bayes.data import DataError
-from lcd_bayes.evaluate import evaluate
-from lcd_bayes.predict import predict
+from lcd_bayes.io.screen import DataError
 from lcd_bayes.run import fit
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate
-from lcd_bayes.splits import combination_splits, split_anndata
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
 
 N_GENES = 6
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcd_bayes.model import slab_shrunk_local
+from lcd_bayes.model.program import slab_shrunk_local
 
 
 def test_shrunk_local_scale_matches_the_regularized_horseshoe_formula():
@@ -33,7 +33,7 @@ def test_pooled_self_decays_share_a_drawn_location_and_spread():
     from numpyro.handlers import seed, trace
 
     from lcd_bayes.config import ModelConfig
-    from lcd_bayes.model import CellBatch, Structure, lcd_model
+    from lcd_bayes.model.program import CellBatch, Structure, lcd_model
 
     # control and one label targeting gene 0 of 3; five cells
     structure = Structure(np.array([[0.0], [1.0]]), np.array([[1.0, 0.0, 0.0]]), np.zeros(3, np.float32), 5)

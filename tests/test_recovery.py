@@ -1,15 +1,15 @@
-"""Recovery of known causal effects from simulated screens (design section 7 protocol, d = 20,
+"""Recovery of known causal effects from simulated screens (docs/model.md, "The simulators"; d = 20,
 every gene perturbed once, 200 cells per condition), with the shipped default model and its default
 refinement (``refine = "auto"``: the Laplace step), and with the NUTS chain that is closer still for
-Gaussian data (README, calibration). Edges are ranked by CLIPR's posterior edge probability, and the
+Gaussian data (docs/inference.md). Edges are ranked by CLIPR's posterior edge probability, and the
 credible intervals must be calibrated."""
 import numpy as np
 import pytest
 
-from lcd_bayes.clipr import edge_summary, posterior_effects
-from lcd_bayes.metrics import edge_recovery, interval_coverage
+from lcd_bayes.analysis.clipr import edge_summary, posterior_effects
+from lcd_bayes.analysis.recovery import edge_recovery, interval_coverage
 from lcd_bayes.run import fit
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
 # Measured on seed 0: AUROC of prob_edge 1.00 (gaussian, either refinement) and 0.97 (nb); 50% / 90%
@@ -19,7 +19,7 @@ from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 # Over all ordered pairs the intervals must not be too narrow (at least the bands' lower ends), but
 # they may cover more than the bands' upper ends: the absent edges (true effect exactly 0, 71% of
 # the pairs) lie in the horseshoe's spike at 0, and the exact posterior covers them 91% / 98% of the
-# time, so its all-pairs coverage is ~0.80 / ~0.97 (README, calibration). That the spike covers the
+# time, so its all-pairs coverage is ~0.80 / ~0.97 (docs/inference.md). That the spike covers the
 # absent edges at least at the nominal 90% rate is asserted too.
 @pytest.mark.slow
 @pytest.mark.parametrize("likelihood, refine, min_auroc",

@@ -1,11 +1,12 @@
-"""The refinements of a fitted guide (``[fit] refine = "nuts"`` or ``"laplace"``, lcd_bayes.refine).
+"""The refinements of a fitted guide (``[fit] refine = "nuts"`` or ``"laplace"``,
+lcd_bayes.inference.refine).
 
 On conjugate toy models the exact posterior is known: the NUTS draws must find it even from a
 guide that is too narrow and off-centre (the guide only whitens the chain), through a constrained
 (positive) site as well as a real one; the Laplace draws must have the exact covariance of a
 Gaussian posterior from a guide with the right mean but too narrow and uncorrelated. On a small
 screen the refined posterior must be wider than the guide's, which is what the refinements are for
-(README, calibration).
+(docs/inference.md).
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import pytest
 from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
 from numpyro.infer.initialization import init_to_value
 
-from lcd_bayes import refine
 from lcd_bayes.cli import _print_fit
 from lcd_bayes.config import RunConfig
+from lcd_bayes.inference import refine
 from lcd_bayes.run import fit
-from lcd_bayes.simulate import LIBRARY_SIZE_KEY, simulate, truth_from_uns
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
 
 class ToyData(NamedTuple):
@@ -270,8 +271,9 @@ def test_laplace_scales_take_the_curvature_magnitude_and_cap_the_widening():
 
 def test_laplace_refined_fit_is_wider_than_the_guide_and_says_how_it_was_made(capsys):
     """On a 4-gene screen the Laplace refinement must widen the guide's intervals on the direct
-    effects (the guide's are too narrow, README) and still cover the simulated drift; the run's
-    attributes say what was done. (That its sds match NUTS's is tests/test_inference.py's slow test.)"""
+    effects (the guide's are too narrow, docs/inference.md) and still cover the simulated drift; the
+    run's attributes say what was done. (That its sds match NUTS's is tests/test_inference.py's slow
+    test.)"""
     adata = simulate(4, cells_per_condition=100, likelihood="gaussian", seed=0)
     config = RunConfig().replace(model={"likelihood": "gaussian"},
                                  fit={"steps": 1500, "min_steps": 1500, "num_posterior_samples": 400})

@@ -3,7 +3,7 @@ import anndata
 import numpy as np
 import pytest
 
-from lcd_bayes.simulate import (
+from lcd_bayes.sim.linear import (
     LinearSystem,
     random_linear_system,
     simulate,

@@ -3,8 +3,8 @@ import anndata
 import numpy as np
 import pytest
 
-from lcd_bayes import simulate_nonlinear as nl
-from lcd_bayes.simulate import _draw_design, simulate, stationary_moments, truth_from_uns
+from lcd_bayes.sim import nonlinear as nl
+from lcd_bayes.sim.linear import _draw_design, simulate, stationary_moments, truth_from_uns
 
 SMALL = dict(n_genes=8, n_doubles=10, cells_per_condition=100)
 
@@ -88,16 +88,16 @@ def test_argument_validation(kwargs, match):
 
 def test_fixed_point_is_the_unique_root():
     system, _, _, condition_shift = _system_and_design(seed=1)
-    fixed = nl.fixed_point(system, condition_shift)
+    fixed = nl.fixed_point_float64(system, condition_shift)
     assert np.max(np.abs(nl.drift(system, fixed, condition_shift))) < 1e-9
     # Far-away starts converge to the same point.
     rng = np.random.default_rng(0)
     for scale in (10.0, 100.0):
         start = fixed + scale * rng.standard_normal(fixed.shape)
-        np.testing.assert_allclose(nl.fixed_point(system, condition_shift, start=start), fixed, atol=1e-9)
+        np.testing.assert_allclose(nl.fixed_point_float64(system, condition_shift, start=start), fixed, atol=1e-9)
     # Single shift -> 1-D fixed point.
-    assert nl.fixed_point(system, condition_shift[1]).shape == (8,)
-    np.testing.assert_allclose(nl.fixed_point(system, condition_shift[1]), fixed[1], atol=1e-9)
+    assert nl.fixed_point_float64(system, condition_shift[1]).shape == (8,)
+    np.testing.assert_allclose(nl.fixed_point_float64(system, condition_shift[1]), fixed[1], atol=1e-9)
 
 
 def test_contraction_guarantee():
@@ -120,7 +120,7 @@ def test_contraction_guarantee():
 def test_cells_centre_on_fixed_point_for_small_noise():
     sigma = 0.05
     system, _, _, condition_shift = _system_and_design(seed=2, sigma=sigma)
-    fixed = nl.fixed_point(system, condition_shift)
+    fixed = nl.fixed_point_float64(system, condition_shift)
     index = np.repeat(np.arange(condition_shift.shape[0]), 100)
     cells, info = nl.stationary_cells(system, condition_shift, index, np.random.default_rng(0))
     assert info["dt"] * np.max(system.decay) <= 0.02 + 1e-12
@@ -158,7 +158,7 @@ def test_burn_in_reached_stationarity():
 
 def test_linear_limit_matches_exact_stationary_law():
     """With a huge saturation scale phi is the identity: EM must reproduce the linear law."""
-    from lcd_bayes.simulate import LinearSystem
+    from lcd_bayes.sim.linear import LinearSystem
 
     drawn, _, _, condition_shift = _system_and_design(seed=4, d=6, n_doubles=3)
     # Inputs near 0 and S = 1e6 decay: phi(u) = u to ~1e-12.
@@ -167,7 +167,7 @@ def test_linear_limit_matches_exact_stationary_law():
         drift=system.weights - np.diag(system.decay), basal_drift=system.basal_drift, sigma=1.0
     )
     mean, covariance = stationary_moments(linear, condition_shift)
-    np.testing.assert_allclose(nl.fixed_point(system, condition_shift), mean, atol=1e-6)
+    np.testing.assert_allclose(nl.fixed_point_float64(system, condition_shift), mean, atol=1e-6)
     index = np.zeros(4000, dtype=int)
     cells, _ = nl.stationary_cells(system, condition_shift[:1], index, np.random.default_rng(2))
     np.testing.assert_allclose(np.cov(cells, rowvar=False), covariance, atol=0.05 * covariance.max())

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lcd_bayes.data import DataError
-from lcd_bayes.splits import Split, combination_splits, split_anndata
+from lcd_bayes.analysis.splits import Split, combination_splits, split_anndata
+from lcd_bayes.io.screen import DataError
 
 # Six eligible combinations over singles A..E, plus one (A+Z) whose single Z was never seen.
 LABELS = ["ctrl", "A", "B", "C", "D", "E+ctrl", "B+A", "A+C", "C+D", "D+E", "A+E", "B+C", "A+Z"]

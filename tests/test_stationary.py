@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 
-from lcd_bayes.stationary import (
+from lcd_bayes.dynamics.stationary import (
     effective_drift, excess_abscissa, log_spectral_radius_bound, stationary_law, stationary_means, transition_matrix,
 )
 

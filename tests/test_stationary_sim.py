@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcd_bayes.clipr import fixed_point, linear_drift
-from lcd_bayes.simulate import random_linear_system
-from lcd_bayes.stationary import stationary_law, stationary_means
-from lcd_bayes.stationary_sim import (
-    SimulationSettings, check_stationary, simulate_stationary,
-)
+from lcd_bayes.analysis.clipr import linear_drift
+from lcd_bayes.config import SimulationSettings
+from lcd_bayes.dynamics.fixed_point import fixed_point
+from lcd_bayes.dynamics.particles import check_stationary, simulate_stationary
+from lcd_bayes.dynamics.stationary import stationary_law, stationary_means
+from lcd_bayes.sim.linear import random_linear_system
 
 DT = 0.02
 # 10 time units of burn-in for a slowest rate of 1 (margin): start bias ~ 5e-5 of the offset.

@@ -1,8 +1,10 @@
-"""Scores of causal recovery against a known effect matrix (design section 7)."""
+"""Scores of causal recovery against a known effect matrix (of a simulated screen, docs/model.md
+"The simulators"), of a posterior's effects and of its credible intervals."""
 from __future__ import annotations
 
 import arviz as az
 import numpy as np
+import xarray as xr
 from scipy.stats import rankdata
 
 
@@ -53,3 +55,9 @@ def interval_coverage(effect, truth: np.ndarray, prob: float, mask: np.ndarray) 
     interval = az.hdi(effect, prob=prob).transpose("source", "target", "ci_bound").values
     inside = (interval[..., 0] <= truth) & (truth <= interval[..., 1])
     return float(inside[mask].mean())
+
+
+def recovery_against_truth(tree: xr.DataTree, true_effect: np.ndarray) -> dict:
+    """AUROC/AUPRC of |posterior mean| against the true edges, and sign accuracy."""
+    mean = tree["posterior"]["interaction"].mean(("chain", "draw")).transpose("source", "target").values
+    return edge_recovery(true_effect, np.abs(mean), mean)

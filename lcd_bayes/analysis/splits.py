@@ -17,8 +17,8 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from .data import DataError, _few
-from .expression import canonical_label, label_parts
+from ..io.expression import canonical_label, label_parts
+from ..io.screen import DataError, few
 
 
 class Split(NamedTuple):
@@ -52,7 +52,7 @@ def _canonical_conditions(labels, control: str, sep: str) -> list[str]:
     distinct = np.unique(values.astype(str))
     blank = [label for label in distinct if not label.strip()]
     if blank:
-        raise DataError(f"labels include blank values ({_few(blank)}); label unperturbed cells {control!r}.")
+        raise DataError(f"labels include blank values ({few(blank)}); label unperturbed cells {control!r}.")
     return sorted({canonical_label(label, control, sep) for label in distinct})
 
 
@@ -62,7 +62,7 @@ def cell_conditions(adata: anndata.AnnData, perturbation_key: str, control: str,
     if perturbation_key not in adata.obs.columns:
         raise DataError(
             f"perturbation_key {perturbation_key!r} is not a column of {where}.obs (columns: "
-            f"{_few(adata.obs.columns, 20)}); pass the column that holds each cell's perturbation label."
+            f"{few(adata.obs.columns, 20)}); pass the column that holds each cell's perturbation label."
         )
     column = adata.obs[perturbation_key]
     if column.isna().any():
@@ -120,7 +120,7 @@ def combination_splits(labels, *, control: str = "ctrl", sep: str = "+", n_folds
     conditions = _canonical_conditions(labels, control, sep)
     if control not in conditions:
         raise DataError(
-            f"no control condition {control!r} among the labels (conditions: {_few(conditions)}); "
+            f"no control condition {control!r} among the labels (conditions: {few(conditions)}); "
             "pass control= naming the unperturbed cells' label."
         )
     parts = {condition: label_parts(condition, control, sep) for condition in conditions}
@@ -132,17 +132,17 @@ def combination_splits(labels, *, control: str = "ctrl", sep: str = "+", n_folds
         if not combos:
             raise DataError(
                 f"the labels hold no combination (a label joining perturbations with {sep!r}); "
-                f"conditions: {_few(conditions)}. Check sep=."
+                f"conditions: {few(conditions)}. Check sep=."
             )
         unseen = sorted({p for c in combos for p in parts[c]} - seen)
         raise DataError(
             f"no combination has all its single perturbations in the data, so none can be tested. "
-            f"Combinations: {_few(combos)}; singles without cells of their own: {_few(unseen)}."
+            f"Combinations: {few(combos)}; singles without cells of their own: {few(unseen)}."
         )
     if n_folds > len(eligible):
         raise DataError(
             f"n_folds={n_folds} exceeds the {len(eligible)} combinations whose singles are all present "
-            f"({_few(eligible)}); use n_folds <= {len(eligible)}."
+            f"({few(eligible)}); use n_folds <= {len(eligible)}."
         )
 
     rng = np.random.default_rng(seed)
@@ -183,7 +183,7 @@ def split_anndata(adata: anndata.AnnData, split: Split, *, perturbation_key: str
     absent = sorted((train_labels | test_labels | {control}) - set(condition))
     if absent:
         raise DataError(
-            f"{len(absent)} conditions of the split have no cells in adata (e.g. {_few(absent)}); "
+            f"{len(absent)} conditions of the split have no cells in adata (e.g. {few(absent)}); "
             "make the split from the same data with the same control= and sep=."
         )
     train = np.isin(condition, list(train_labels))

@@ -100,7 +100,7 @@ class PerturbationData(NamedTuple):
 # --------------------------------------------------------------------------- small helpers
 
 
-def _few(names, limit: int = 8) -> str:
+def few(names, limit: int = 8) -> str:
     """Quote up to `limit` names, saying how many were left out."""
     names = [str(n) for n in names]
     shown = ", ".join(repr(n) for n in names[:limit])
@@ -115,7 +115,7 @@ def _close(name: str, candidates, n: int = 3) -> str:
     # Case slips (Mt-Co1 vs MT-CO1) score low in difflib, so look for them first.
     matches = [c for c in candidates if c.lower() == name.lower()][:n]
     matches = matches or difflib.get_close_matches(name, candidates, n=n)
-    return f" (did you mean {_few(matches)}?)" if matches else ""
+    return f" (did you mean {few(matches)}?)" if matches else ""
 
 
 def _suggestions(names, candidates, describe=repr, limit: int = 5) -> str:
@@ -131,7 +131,7 @@ def _suggestions(names, candidates, describe=repr, limit: int = 5) -> str:
     return "".join(lines)
 
 
-def _as_matrix(x: Any):
+def as_matrix(x: Any):
     """Return `x` as a scipy CSR matrix or a numpy array, loading backed data into memory."""
     if sp.issparse(x):
         csr = sp.csr_matrix(x)
@@ -141,7 +141,7 @@ def _as_matrix(x: Any):
             csr.sum_duplicates()
         return csr
     if hasattr(x, "to_memory"):  # anndata backed sparse dataset
-        return _as_matrix(x.to_memory())
+        return as_matrix(x.to_memory())
     return np.asarray(x)
 
 
@@ -309,7 +309,7 @@ def _select_source(adata, layer, continuous, total_counts_key) -> tuple[Any, str
     layers = _layer_names(adata)
     if layer is not None:
         if layer not in layers:
-            available = _few(layers) if layers else "none"
+            available = few(layers) if layers else "none"
             raise DataError(
                 f"layer {layer!r} is not in adata.layers (available layers: {available}). "
                 "Pass layer= naming one of them, or layer=None to use adata.X."
@@ -326,7 +326,7 @@ def _lognorm_hint(adata) -> str:
     """The three ways out when counts look log-normalized, with the user's own names."""
     layers = _layer_names(adata)
     layer_hint = (
-        f"pass layer= naming a layer that holds raw counts (available layers: {_few(layers)})"
+        f"pass layer= naming a layer that holds raw counts (available layers: {few(layers)})"
         if layers
         else "pass layer= naming a layer that holds raw counts (this AnnData has no layers)"
     )
@@ -340,7 +340,7 @@ def _lognorm_hint(adata) -> str:
     )
 
 
-def _validate_counts(adata, matrix, where: str) -> None:
+def validate_counts(adata, matrix, where: str) -> None:
     """Counts must be finite, non-negative whole numbers; say which rule failed and why."""
     stats = _value_stats(matrix)
     if stats.n_nonfinite:
@@ -382,7 +382,7 @@ def _validate_continuous(matrix, where: str) -> None:
         )
 
 
-def _convert_lognorm(adata, matrix, where: str, total_counts_key: str, target_sum: float):
+def convert_lognorm(adata, matrix, where: str, total_counts_key: str, target_sum: float):
     """Undo log1p(library normalization): counts = round(expm1(X) * totals / target_sum).
 
     Returns
@@ -394,7 +394,7 @@ def _convert_lognorm(adata, matrix, where: str, total_counts_key: str, target_su
     if total_counts_key not in adata.obs.columns:
         raise DataError(
             f"total_counts_key {total_counts_key!r} is not a column of adata.obs (columns: "
-            f"{_few(adata.obs.columns, 20)}). Pass the column that holds each cell's total counts "
+            f"{few(adata.obs.columns, 20)}). Pass the column that holds each cell's total counts "
             "before normalization."
         )
     try:
@@ -476,7 +476,7 @@ def _parse_labels(adata, perturbation_key: str, control: str, sep: str, min_cell
     if perturbation_key not in adata.obs.columns:
         raise DataError(
             f"perturbation_key {perturbation_key!r} is not a column of adata.obs (columns: "
-            f"{_few(adata.obs.columns, 20)}). Pass perturbation_key= naming the column that holds "
+            f"{few(adata.obs.columns, 20)}). Pass perturbation_key= naming the column that holds "
             "each cell's perturbation label."
         )
     column = adata.obs[perturbation_key]
@@ -510,7 +510,7 @@ def _parse_labels(adata, perturbation_key: str, control: str, sep: str, min_cell
         )
     if bad_parts:
         raise DataError(
-            f"labels {_few(bad_parts)} in obs[{perturbation_key!r}] have an empty part when split on "
+            f"labels {few(bad_parts)} in obs[{perturbation_key!r}] have an empty part when split on "
             f"sep={sep!r} (e.g. 'A{sep}{sep}B' or a leading/trailing {sep!r}). Fix the labels, or pass "
             "sep= if combinations use another separator."
         )
@@ -521,7 +521,7 @@ def _parse_labels(adata, perturbation_key: str, control: str, sep: str, min_cell
         lowered = {label.lower(): label for label in unique}
         likely = [lowered[name] for name in _CONTROL_NAMES if name in lowered]
         hint = (
-            f" The labels include {_few(likely)}, which looks like a control: pass control={likely[0]!r}."
+            f" The labels include {few(likely)}, which looks like a control: pass control={likely[0]!r}."
             if likely
             else " Common control labels are 'control', 'ctrl' and 'non-targeting'."
         )
@@ -564,14 +564,14 @@ def _resolve_genes(var_names: list[str], genes) -> list[int] | None:
     requested = [str(g) for g in genes]
     duplicated = [g for g, n in Counter(requested).items() if n > 1]
     if duplicated:
-        raise DataError(f"genes= lists {_few(duplicated)} more than once; list each gene once.")
+        raise DataError(f"genes= lists {few(duplicated)} more than once; list each gene once.")
     position = {g: i for i, g in enumerate(var_names)}
     unknown = [g for g in requested if g not in position]
     if unknown:
         hints = _suggestions(unknown, var_names)
         raise DataError(
             f"{len(unknown)} of the {len(requested)} genes in genes= are not in adata.var_names: "
-            f"{_few(unknown)}.{hints}\nCheck the spelling and the gene identifier type (symbols vs "
+            f"{few(unknown)}.{hints}\nCheck the spelling and the gene identifier type (symbols vs "
             "Ensembl IDs) of adata.var_names."
         )
     return [position[g] for g in requested]
@@ -584,12 +584,12 @@ def _resolve_target_names(perturbations, mapping, var_set: set[str], var_names) 
         hints = _suggestions(unknown_labels, perturbations)
         raise DataError(
             f"the targets mapping names {len(unknown_labels)} labels that are not perturbation labels "
-            f"in the data: {_few(unknown_labels)}.{hints}\nPerturbation labels in the data include "
-            f"{_few(perturbations)}; remove the others from the mapping."
+            f"in the data: {few(unknown_labels)}.{hints}\nPerturbation labels in the data include "
+            f"{few(perturbations)}; remove the others from the mapping."
         )
     missing = [(label, g) for label, genes in mapping.items() for g in genes if g not in var_set]
     if missing:
-        listed = _few(f"{g} (targets of {label})" for label, g in missing)
+        listed = few(f"{g} (targets of {label})" for label, g in missing)
         hints = _suggestions([g for _, g in missing], var_names)
         raise DataError(
             f"the targets mapping names {len(missing)} target genes that are not in adata.var_names: "
@@ -608,7 +608,7 @@ def _resolve_target_names(perturbations, mapping, var_set: set[str], var_names) 
 def _positive_obs_column(adata, key: str, argument: str) -> np.ndarray:
     """A numeric obs column of positive, finite values per cell, or a DataError saying why not."""
     if key not in adata.obs.columns:
-        raise DataError(f"{argument} {key!r} is not a column of adata.obs (columns: {_few(list(adata.obs.columns))}).")
+        raise DataError(f"{argument} {key!r} is not a column of adata.obs (columns: {few(list(adata.obs.columns))}).")
     try:
         values = adata.obs[key].to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
@@ -736,7 +736,7 @@ def load_perturbation_data(
     duplicated = [g for g, n in Counter(var_names).items() if n > 1]
     if duplicated:
         raise DataError(
-            f"adata.var_names has duplicated gene names ({_few(duplicated)}), so genes cannot be "
+            f"adata.var_names has duplicated gene names ({few(duplicated)}), so genes cannot be "
             "looked up by name. Run adata.var_names_make_unique() first."
         )
     gene_index = _resolve_genes(var_names, genes)
@@ -750,7 +750,7 @@ def load_perturbation_data(
             f"adata has {len(var_names)} genes but at least min_genes={min_genes} are needed."
         )
     raw_matrix, where = _select_source(adata, layer, continuous, total_counts_key)
-    matrix = _as_matrix(raw_matrix)
+    matrix = as_matrix(raw_matrix)
     if matrix.ndim != 2 or matrix.shape != (adata.n_obs, len(var_names)):
         raise DataError(f"{where} has shape {matrix.shape}, expected (cells, genes) = {adata.shape}.")
 
@@ -759,9 +759,9 @@ def load_perturbation_data(
     if continuous:
         _validate_continuous(matrix, where)
     elif total_counts_key is not None:
-        matrix, totals = _convert_lognorm(adata, matrix, where, total_counts_key, target_sum)
+        matrix, totals = convert_lognorm(adata, matrix, where, total_counts_key, target_sum)
     else:
-        _validate_counts(adata, matrix, where)
+        validate_counts(adata, matrix, where)
 
     condition, conditions, condition_parts = _parse_labels(
         adata, perturbation_key, control, sep, min_cells_per_condition
@@ -787,7 +787,7 @@ def load_perturbation_data(
         if empty.size:
             raise DataError(
                 f"{empty.size} cells have zero total counts over all genes (e.g. "
-                f"{_few(adata.obs_names[empty[:3]])}); they carry no information and break size "
+                f"{few(adata.obs_names[empty[:3]])}); they carry no information and break size "
                 "factors. Remove them with scanpy.pp.filter_cells(adata, min_counts=1)."
             )
         size_factor = totals / np.median(totals)
@@ -821,7 +821,7 @@ def load_perturbation_data(
     if unmodelled:
         warnings.warn(
             f"{len(unmodelled)} target genes from the targets mapping are in adata.var_names but not "
-            f"among the modelled genes, so they are not modelled as targets: {_few(unmodelled)}. "
+            f"among the modelled genes, so they are not modelled as targets: {few(unmodelled)}. "
             "Add them to genes= to model them.",
             UserWarning,
             stacklevel=2,
@@ -839,7 +839,7 @@ def load_perturbation_data(
         silent = [modelled[j] for j in np.flatnonzero(_column_sums(counts) == 0)]
         if silent:
             warnings.warn(
-                f"{len(silent)} modelled genes have zero counts in every cell: {_few(silent)}. They "
+                f"{len(silent)} modelled genes have zero counts in every cell: {few(silent)}. They "
                 "are kept but carry no information; pass genes= without them to drop them.",
                 UserWarning,
                 stacklevel=2,
@@ -886,6 +886,6 @@ def summarize(data: PerturbationData) -> str:
             f"{data.n_conditions} conditions: control {data.control!r} ({cells[0]} cells), "
             f"{singles} singles, {combos}; cells per condition {cells.min()}-{cells.max()}",
             f"{data.n_perturbations} perturbation labels from obs[{data.perturbation_key!r}] (sep {data.sep!r})",
-            f"{len(targeted)} labels with modelled targets" + (f": {_few(targeted, 10)}" if targeted else ""),
+            f"{len(targeted)} labels with modelled targets" + (f": {few(targeted, 10)}" if targeted else ""),
         ]
     )

@@ -52,79 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import t as student_t
 
+from ..config import SimulationSettings
+
 DriftFn = Callable[[object, jax.Array, jax.Array], jax.Array]
-NOISE_KINDS = ("gaussian", "rademacher")
-
-
-class SimulationSettings(NamedTuple):
-    """How long, how fine and how many particles; hashable, so it can be a static argument.
-
-    Trade-offs (``lambda`` the slowest relaxation rate of the drift, ``tau ~ 1 / lambda``):
-
-    * ``dt`` — bias and stability against cost. Euler–Maruyama's stationary law is that of the
-      continuous SDE only up to ``O(dt)`` (for a linear drift ``stationary.stationary_law`` gives
-      the discrete one exactly), and the chain diverges once ``dt`` exceeds ``2 / |eigenvalue|``
-      of the drift's Jacobian. Cost per simulated time unit is ``1 / dt``.
-    * ``n_burn_in`` — bias from the start. The distance to stationarity decays like
-      ``exp(-lambda dt n_burn_in)`` for the mean and faster for the covariance (from a common
-      start the spread grows like ``1 - exp(-2 lambda t)``); ``dt n_burn_in`` should be many
-      ``tau`` (10 tau: bias ~ 5e-5 of the initial offset). Starting at a fixed point (``x0``)
-      removes most of the mean's transient. Cost is linear and paid by every particle.
-    * ``n_sample`` and ``n_particles`` — Monte Carlo noise. The standard error of a mean is about
-      ``sd sqrt(2 tau / (dt n_sample)) / sqrt(n_particles)`` (once ``dt n_sample >> tau``), and of
-      a covariance entry relative to its scale similarly. Particles are independent chains, so
-      more particles cut noise without autocorrelation but each pays the burn-in; a longer window
-      amortizes the burn-in but its states are correlated.
-    * ``thin`` — records every ``thin``-th state into the moment sums (an ``O(P d^2)``
-      outer-product update per record, against ``O(P d^2)`` per step for a dense drift). States
-      closer than ~``tau / 2`` apart add little information; thinning more than that discards it.
-      It does not change memory. ``n_sample`` must be a multiple of ``thin`` with at least 4
-      records (two per half of the window for the stationarity check).
-    * ``sigma`` — noise scale of the SDE (a model parameter, not a numerical knob).
-    * ``noise`` — ``"gaussian"`` (default) or ``"rademacher"`` (random signs, 32 per random
-      word). For a linear drift both give exactly the same stationary mean and covariance (only
-      the first two moments of the increment enter); for a nonlinear one the difference is of the
-      same weak order ``O(dt)`` as Euler–Maruyama's own bias (simplified weak Euler scheme).
-      On CPU Gaussian draws dominate the step cost; signs are several times cheaper.
-    * ``checkpoint_segment`` — iterations per ``jax.checkpoint`` segment of the two loops;
-      0 (default) means ~``sqrt(n)`` (a divisor of ``n`` near it when there is one), which
-      minimizes backward memory. Forward-only runs are
-      unaffected.
-    """
-
-    dt: float = 0.01
-    n_burn_in: int = 2000
-    n_sample: int = 2000
-    thin: int = 20
-    n_particles: int = 256
-    sigma: float = 1.0
-    noise: str = "gaussian"
-    checkpoint_segment: int = 0
-
-    @property
-    def n_recorded(self) -> int:
-        """Recorded states per particle, ``n_sample / thin``."""
-        return self.n_sample // self.thin
-
-    def validate(self) -> "SimulationSettings":
-        """Raise ``ValueError`` on settings that cannot run; return ``self``."""
-        if not self.dt > 0:
-            raise ValueError(f"dt must be positive, got {self.dt}")
-        if self.n_burn_in < 0:
-            raise ValueError(f"n_burn_in must be >= 0, got {self.n_burn_in}")
-        if self.thin < 1 or self.n_sample % self.thin:
-            raise ValueError(
-                f"n_sample ({self.n_sample}) must be a positive multiple of thin ({self.thin})")
-        if self.n_recorded < 4:
-            raise ValueError(
-                f"need at least 4 recorded states (n_sample / thin), got {self.n_recorded}")
-        if self.n_particles < 2:
-            raise ValueError(f"need at least 2 particles per condition, got {self.n_particles}")
-        if self.noise not in NOISE_KINDS:
-            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
-        if self.checkpoint_segment < 0:
-            raise ValueError(f"checkpoint_segment must be >= 0, got {self.checkpoint_segment}")
-        return self
 
 
 class SimulatedLaw(NamedTuple):

@@ -1,12 +1,10 @@
-"""Plain-text summaries of a posterior: the strongest direct effects with credible intervals,
-and recovery scores when the true effects are known."""
+"""Plain-text summaries of a posterior: the strongest direct effects with credible intervals
+(recovery scores against known effects are ``analysis.recovery``'s)."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import xarray as xr
-
-from .metrics import edge_recovery
 
 
 def interaction_table(tree: xr.DataTree, *, prob: float = 0.9) -> pd.DataFrame:
@@ -31,9 +29,3 @@ def format_top_edges(table: pd.DataFrame, n: int = 10, prob: float = 0.9) -> str
         mark = "" if row.excludes_zero else "  (interval includes 0)"
         lines.append(f"  {row.source:>10} -> {row.target:<10} {row.mean:+7.2f}  [{row.low:+.2f}, {row.high:+.2f}]{mark}")
     return "\n".join(lines)
-
-
-def recovery_against_truth(tree: xr.DataTree, true_effect: np.ndarray) -> dict:
-    """AUROC/AUPRC of |posterior mean| against the true edges, and sign accuracy."""
-    mean = tree["posterior"]["interaction"].mean(("chain", "draw")).transpose("source", "target").values
-    return edge_recovery(true_effect, np.abs(mean), mean)

@@ -18,7 +18,7 @@ Diffusions paper: an Erdős–Rényi graph, signed weights of magnitude
 interventions of magnitude ``U[5, 15]``.
 
 ``simulate(..., drift="nonlinear")`` draws the latent states from the contracting nonlinear
-diffusion of :mod:`lcd_bayes.simulate_nonlinear` instead (saturating regulation, so double
+diffusion of :mod:`lcd_bayes.sim.nonlinear` instead (saturating regulation, so double
 perturbations interact), with the same graph protocol, design and observation models.
 """
 from __future__ import annotations
@@ -30,6 +30,9 @@ import anndata
 import numpy as np
 import pandas as pd
 from scipy.linalg import solve_continuous_lyapunov
+
+from . import nonlinear as nl
+from .graphs import effect_matrix, random_graph_weights
 
 __all__ = [
     "CONTROL_LABEL",
@@ -90,13 +93,6 @@ class LinearSystem(NamedTuple):
     def effect(self) -> np.ndarray:
         """Causal effect matrix, shape (source, target): ``A.T`` with zero diagonal."""
         return effect_matrix(self.drift)
-
-
-def effect_matrix(matrix: np.ndarray) -> np.ndarray:
-    """``(target, source)`` matrix -> ``(source, target)`` effects with a zero diagonal."""
-    effect = np.array(matrix, dtype=float).T.copy()
-    np.fill_diagonal(effect, 0.0)
-    return effect
 
 
 # ---------------------------------------------------------------------------
@@ -166,22 +162,6 @@ def _resolve_n_perturbed(n_perturbed: Any, n_genes: int) -> int:
 # ---------------------------------------------------------------------------
 # The linear system
 # ---------------------------------------------------------------------------
-
-
-def random_graph_weights(d: int, expected_degree: float, weight_range: tuple[float, float],
-                         rng: np.random.Generator) -> np.ndarray:
-    """Erdős–Rényi signed weights, ``weights[k, j]``: effect of gene j on gene k (zero diagonal).
-
-    Full matrices are drawn in a fixed order, so the graph depends only on the generator's state
-    (the linear and nonlinear simulators share a graph for a given seed).
-    """
-    # Each gene has 2 (d - 1) potential in/out edges, hence this probability.
-    p_edge = min(1.0, expected_degree / (2.0 * (d - 1)))
-    mask = rng.random((d, d)) < p_edge
-    np.fill_diagonal(mask, False)
-    signs = rng.choice(np.array([-1.0, 1.0]), size=(d, d))
-    magnitudes = rng.uniform(weight_range[0], weight_range[1], size=(d, d))
-    return np.where(mask, signs * magnitudes, 0.0)
 
 
 def random_linear_system(
@@ -404,13 +384,11 @@ def _nonlinear_latent(
     rng_cells: np.random.Generator,
     **system_kwargs: Any,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Latent cells and truth of the nonlinear family (:mod:`lcd_bayes.simulate_nonlinear`).
+    """Latent cells and truth of the nonlinear family (:mod:`lcd_bayes.sim.nonlinear`).
 
     ``conditions`` and ``condition_shift`` are ctrl, the singles (``perturbations``), then
     the doubles ``"A+B"``, as made by :func:`_draw_design`.
     """
-    from . import simulate_nonlinear as nl
-
     system_kwargs["expected_degree"] = _as_float("expected_degree", system_kwargs["expected_degree"])
     system_kwargs["weight_range"] = _as_range("weight_range", system_kwargs["weight_range"])
     system_kwargs["margin"] = _as_float("margin", system_kwargs["margin"], positive=True)
@@ -419,7 +397,7 @@ def _nonlinear_latent(
     system = nl.random_nonlinear_system(
         n_genes, saturation=saturation, rng=rng_system, **system_kwargs
     )
-    fixed_points = nl.fixed_point(system, condition_shift)
+    fixed_points = nl.fixed_point_float64(system, condition_shift)
     latent, info = nl.stationary_cells(
         system, condition_shift, condition_index, rng_cells, fixed_points=fixed_points
     )
@@ -501,7 +479,7 @@ def simulate(
         Cells for the control and every single and double condition (>= 2).
     expected_degree, weight_range, margin, control_mean_sd, sigma
         Passed to :func:`random_linear_system` (or, for ``drift="nonlinear"``, to
-        :func:`lcd_bayes.simulate_nonlinear.random_nonlinear_system`, where ``margin`` is the
+        :func:`lcd_bayes.sim.nonlinear.random_nonlinear_system`, where ``margin`` is the
         guaranteed contraction rate and ``control_mean_sd`` sets the control fixed point).
     shift_range : (float, float), optional
         Range of on-target shift magnitudes; default ``(5, 15)`` for the linear drift and
@@ -524,7 +502,7 @@ def simulate(
     drift : {"linear", "nonlinear"}
         Latent dynamics. "linear" (default): exact stationary draws of the linear diffusion.
         "nonlinear": ``f(x; c) = -decay x + phi(W x + h) + b + c`` with saturating
-        regulation ``phi`` (:mod:`lcd_bayes.simulate_nonlinear`), a unique stable fixed point
+        regulation ``phi`` (:mod:`lcd_bayes.sim.nonlinear`), a unique stable fixed point
         for every condition, cells by Euler–Maruyama; double perturbations are not additive.
     saturation : float
         Saturation scale of the nonlinear regulation in latent units (``drift="nonlinear"``
@@ -739,7 +717,7 @@ def truth_from_uns(adata: anndata.AnnData) -> dict[str, Any]:
     if TRUTH_KEY not in adata.uns:
         raise ValueError(
             f'adata.uns has no "{TRUTH_KEY}" entry: the ground truth exists only for data made by '
-            "lcd_bayes.simulate.simulate (or `lcd-bayes simulate`)"
+            "lcd_bayes.sim.linear.simulate (or `lcd-bayes simulate`)"
         )
     truth = _to_python(dict(adata.uns[TRUTH_KEY]))
     for key in _LABEL_KEYS:

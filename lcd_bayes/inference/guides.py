@@ -1,6 +1,6 @@
 """Variational families over the global parameters of the LCD program.
 
-The per-cell states are integrated out inside the model (``model.lcd_model``); these are the
+The per-cell states are integrated out inside the model (``model.program.lcd_model``); these are the
 Gaussian guides over the drift, shifts and noise parameters, chosen by ``[fit] guide``.
 """
 from __future__ import annotations
@@ -98,9 +98,9 @@ def global_variational_family(model, guide: str, fit, init_loc_fn=init_at({})):
     own parameters are correlated within the row and only weakly across rows. One full
     covariance per row (``ROW_BLOCK_SITES``) keeps what the mean-field guide drops at about
     ``d (2d)^2 / 2`` parameters instead of the full-rank ``(2 d^2)^2 / 2``; the global scalars
-    and the shifts stay mean-field. Measured (README): NUTS-relative sds of the effects 0.63 ->
-    0.68 (4 genes); d = 20 Gaussian coverage of the true edges 0.26/0.73 (mean-field) ->
-    0.36/0.77 (50%/90%).
+    and the shifts stay mean-field. Measured (docs/inference.md, "Guides over the globals"):
+    NUTS-relative sds of the effects 0.63 -> 0.68 (4 genes); d = 20 Gaussian coverage of the true
+    edges 0.26/0.73 (mean-field) -> 0.36/0.77 (50%/90%).
 
     ``init_loc_fn`` places the guide's initial location (``initialization.init_at``: given values,
     the prior median elsewhere).

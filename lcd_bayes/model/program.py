@@ -1,4 +1,4 @@
-"""The latent causal diffusion as one NumPyro program (design section 2, linear drift).
+"""The latent causal diffusion as one NumPyro program (docs/model.md; linear drift).
 
     A = D (R - I),  D = diag(exp(kappa))        drift (= W - D with W = D R); A[k, j]: effect of j on k
     c_p = D (on-target shift on T(p) + sparse off-target shift for labels without modelled target)
@@ -15,7 +15,7 @@ shared Normal(m, s) whose location and spread are themselves drawn (partial pool
 
 With ``[model] drift = "nonlinear"`` the drift is
 ``D (-x + s tanh(R x / s + h)) + b + c`` and each condition q has its own moment-matched law
-``N(mu_q, Sigma_q)`` from particle simulation (``drift_nonlinear``); the likelihoods are the same
+``N(mu_q, Sigma_q)`` from particle simulation (``dynamics.nonlinear``); the likelihoods are the same
 with ``Sigma_q`` gathered by each cell's condition.
 """
 from __future__ import annotations
@@ -29,9 +29,9 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.handlers import substitute
 
-from .config import ModelConfig
-from .drift_nonlinear import stationary_law_nonlinear
-from .stationary import effective_drift, excess_abscissa, stationary_law, stationary_means
+from ..config import ModelConfig
+from ..dynamics.nonlinear import stationary_law_nonlinear
+from ..dynamics.stationary import effective_drift, excess_abscissa, stationary_law, stationary_means
 
 
 CONCENTRATION_PRIOR_MEDIAN = 10.0  # of the NB concentration phi_g (LogNormal, log-sd 1.5)
@@ -159,7 +159,7 @@ def nonlinear_stationary(structure: Structure, config: ModelConfig, decay, relat
     """Priors of the nonlinear drift's own parameters and its stationary law per condition.
 
     Saturation ``s`` (latent units; large = linear) and input offset ``h`` per gene; the law is
-    ``drift_nonlinear.stationary_law_nonlinear`` with fresh particle noise every SVI step.
+    ``dynamics.nonlinear.stationary_law_nonlinear`` with fresh particle noise every SVI step.
     """
     n_genes = structure.n_genes
     saturation = numpyro.sample(
@@ -252,7 +252,8 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
     (Burda et al. 2016) with ``cell_particles`` draws from ``conditional_proposal``, so the guide
     covers the global parameters only. The bound tends to the exact marginal as the number of
     particles grows; with one particle it is the usual ELBO of a Gaussian cell guide, whose gap
-    depends on the globals and biased them (README, calibration).
+    depends on the globals and biased them (docs/inference.md, "The per-cell states are integrated
+    out").
     """
     drift = drift_prior(structure, config)
     n_genes = structure.n_genes
@@ -308,8 +309,8 @@ def cell_plate(n_cells: int, n_rows: int, batch_size: int | None, cell_axis: str
 
     The minibatch is a window of ``batch_size`` consecutive rows at a uniformly random start,
     wrapping around: every row has the same chance to be in it, so the estimate stays unbiased,
-    provided the cells are in random order (``fit.fit_svi`` shuffles them once, seeded). It
-    costs a gather; numpyro's own CPU sampler (a sequential Fisher-Yates scan of ``batch_size``
+    provided the cells are in random order (``inference.svi.fit_svi`` shuffles them once, seeded).
+    It costs a gather; numpyro's own CPU sampler (a sequential Fisher-Yates scan of ``batch_size``
     steps) took half of a 100-gene step, and a sort-based permutation of 100,000 cells 15 ms.
     """
     if batch_size is None or batch_size >= n_rows:

@@ -22,8 +22,8 @@ import anndata
 import numpy as np
 import scipy.sparse as sp
 
-from .data import DataError, _few
-from .expression import canonical_label, expression, label_parts, prediction_anndata
+from ..io.expression import canonical_label, expression, label_parts, prediction_anndata
+from ..io.screen import DataError, few
 from .splits import cell_conditions
 
 BASELINES = ("no_change", "additive", "linear")
@@ -133,7 +133,7 @@ def predict_baseline(train: anndata.AnnData, conditions, *, method: str, n_cells
     if control not in observed:
         raise DataError(
             f"train has no control cells labelled {control!r} in obs[{perturbation_key!r}] (conditions: "
-            f"{_few(observed)}); pass control= naming the unperturbed cells' label."
+            f"{few(observed)}); pass control= naming the unperturbed cells' label."
         )
 
     # Condition means as one sparse averaging matrix times z; shifts are relative to the control.
@@ -152,7 +152,7 @@ def predict_baseline(train: anndata.AnnData, conditions, *, method: str, n_cells
         if lacking:
             raise DataError(
                 f"additive needs single-perturbation cells of every part; train has none for "
-                f"{_few(lacking)}. Use method='linear' to borrow from combinations, or drop those conditions."
+                f"{few(lacking)}. Use method='linear' to borrow from combinations, or drop those conditions."
             )
         perturbations, effects = wanted, np.stack([shift[p] for p in wanted])
     else:
@@ -160,7 +160,7 @@ def predict_baseline(train: anndata.AnnData, conditions, *, method: str, n_cells
         unseen = sorted(set(wanted) - set(perturbations))
         if unseen:
             raise DataError(
-                f"linear cannot predict perturbations absent from every training condition: {_few(unseen)}."
+                f"linear cannot predict perturbations absent from every training condition: {few(unseen)}."
             )
         design = _membership(perturbed, perturbations, control, sep)
         effects = _ridge_effects(design, np.stack([shift[c] for c in perturbed]), ridge)

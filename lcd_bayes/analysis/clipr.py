@@ -1,4 +1,4 @@
-"""CLIPR: causal linearization via perturbation responses, on posterior drift draws (design §3).
+"""CLIPR: causal linearization via perturbation responses, on posterior drift draws (docs/clipr.md).
 
 For one drift ``f(x; c)`` (``c`` the shift of a condition) and every response ``p`` (control,
 ``c = 0``, and each single perturbation seen in training):
@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .drift_nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
-from .drift_nonlinear import posterior_drift
-from .newton import FixedPoint, fixed_point  # noqa: F401  (re-exported: CLIPR's solver)
-from .posterior import load_datatree, save_datatree, stacked_draws
-from .run import load_run
+from ..dynamics.fixed_point import fixed_point
+from ..dynamics.nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
+from ..dynamics.nonlinear import posterior_drift
+from ..inference.posterior import stacked_draws
+from ..io.run_folder import load_datatree, load_run, save_datatree
 
 DriftFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 

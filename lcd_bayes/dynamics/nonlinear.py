@@ -1,4 +1,4 @@
-"""The nonlinear drift family and its stationary law per condition (design section 2, "later issue").
+"""The nonlinear drift family and its stationary law per condition (docs/model.md, "Nonlinear drift").
 
 Drift, in the linear model's relative form (``D = diag(exp(kappa))``):
 
@@ -9,13 +9,13 @@ is the effect of gene j on gene k's input, the orientation of the linear ``A``),
 per-gene saturation in latent units (regulation moves gene k by at most ``s_k``), ``h`` a per-gene
 input offset (where gene k sits on its sigmoid), ``b = D b_rel`` and ``c = D c_rel`` as in the
 linear model. As ``s -> infinity`` with ``h = 0``, ``s tanh(R x / s) -> R x`` and ``f`` is the
-linear drift ``D (R - I) x + b + c``. It is the family of ``lcd_bayes.simulate_nonlinear``
+linear drift ``D (R - I) x + b + c``. It is the family of ``lcd_bayes.sim.nonlinear``
 (``W = D R``, ``S = D s``, ``h_sim = D s h``). Its Jacobian is ``J(x) = D (-I + diag(sech^2 u) R)``:
 the diagonal is ``-D`` everywhere, so ``self_decay`` is read off any Jacobian.
 
 Stationary law of condition q (``stationary_law_nonlinear``), for the likelihood:
 
-1. ``m_q``: the deterministic fixed point, damped Newton (``newton.fixed_point``) from the
+1. ``m_q``: the deterministic fixed point, damped Newton (``fixed_point.fixed_point``) from the
    unperturbed fixed point, with the implicit-function gradient.
 2. ``C_LNA_q``: the linear-noise approximation, the exact stationary covariance of the
    Euler–Maruyama chain linearized at ``m_q`` (``F_q = I + dt J_q``, ``stationary.stationary_law``,
@@ -50,15 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .newton import differentiable_fixed_point, fixed_point
+from ..config import SimulationSettings
+from .fixed_point import differentiable_fixed_point, fixed_point
+from .particles import SimulatedLaw, StationarityReport, check_stationary, simulate_stationary
 from .stationary import stationary_law
-from .stationary_sim import (
-    SimulatedLaw,
-    SimulationSettings,
-    StationarityReport,
-    check_stationary,
-    simulate_stationary,
-)
 
 # Parameter names of one drift draw, as stored in the posterior (``relative_interaction`` there is
 # (source, target), transposed from the model's R; see ``posterior_drift``).
@@ -205,7 +200,7 @@ def check_fitted_stationarity(draws: dict, design: np.ndarray, model_config, *, 
                               seed: int = 0) -> StationarityReport:
     """Has the configured chain (``sim_burn_in``, ``sim_steps``, ``sim_dt``) reached stationarity
     for a fitted posterior draw? Inside SVI no check can stop a step, so this runs after the fit:
-    one posterior draw (``draws`` as stored by ``posterior.draw_globals``), every training
+    one posterior draw (``draws`` as stored by ``inference.posterior.draw_globals``), every training
     condition, ``CHECK_PARTICLES`` particles from the LNA start, and ``check_stationary`` on them
     (window halves compared in mean and mean square; divergence). A failure means the likelihood
     saw moments that were still relaxing: raise ``sim_burn_in`` or lower ``sim_dt``.

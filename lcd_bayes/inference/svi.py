@@ -22,10 +22,10 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
-from .config import RunConfig
+from ..config import RunConfig
+from ..model.program import CellBatch, Structure, lcd_model
 from .guides import global_variational_family
 from .initialization import init_at, initial_values
-from .model import CellBatch, Structure, lcd_model
 
 
 class FitError(RuntimeError):
@@ -65,9 +65,9 @@ def program(structure: Structure, config: RunConfig, *, minibatch: bool = True, 
 class DataParallelELBO(Trace_ELBO):
     """``Trace_ELBO`` averaged over the devices of ``axis_name`` inside ``jax.shard_map``: each
     device estimates the whole ELBO from the same draw of the globals and its own minibatch (the
-    cells plate scales its shard to every cell; ``model.cell_key``), and the mean of these is the
-    estimate from all devices' cells. The guide's parameters are replicated, so differentiating
-    the mean sums the devices' gradients."""
+    cells plate scales its shard to every cell; ``model.program.cell_key``), and the mean of these
+    is the estimate from all devices' cells. The guide's parameters are replicated, so
+    differentiating the mean sums the devices' gradients."""
 
     def __init__(self, axis_name: str):
         super().__init__()
@@ -239,8 +239,9 @@ def fit_svi(
     fit = config.fit
     mesh = cell_mesh(fit)
     devices = 1 if mesh is None else mesh.size
-    # In random order, so that the model's minibatch windows are random subsets (model.cell_plate);
-    # with several devices, a multiple of their number (up to devices - 1 shuffled cells left out).
+    # In random order, so that the model's minibatch windows are random subsets
+    # (model.program.cell_plate); with several devices, a multiple of their number (up to
+    # devices - 1 shuffled cells left out).
     order = np.random.default_rng(fit.seed).permutation(structure.n_cells)
     order = order[: structure.n_cells - structure.n_cells % devices]
     host_cells = CellBatch(*(np.asarray(a)[order] for a in cells))

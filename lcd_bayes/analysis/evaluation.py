@@ -1,7 +1,7 @@
 """Compare predicted cells with observed held-out cells, condition by condition.
 
 Both sides are put on library-normalized log1p expression over the predicted genes
-(:func:`lcd_bayes.expression.expression`), and every comparison is made on that scale.
+(:func:`lcd_bayes.io.expression.expression`), and every comparison is made on that scale.
 For each predicted condition ``q`` (observed cells ``Y``, predicted cells ``X``):
 
     energy distance   2 E|X-Y| - E|X-X'| - E|Y-Y'|              (V-statistic, Euclidean)
@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .data import DataError, _few
-from .expression import UNS_KEY, canonical_label, expression, label_parts
+from ..io.expression import UNS_KEY, canonical_label, expression, label_parts
+from ..io.screen import DataError, few
 
 __all__ = [
     "MeanShifts",
@@ -270,7 +270,7 @@ def _settings(pred: anndata.AnnData, perturbation_key, control, sep) -> dict:
 
 def _canonical_labels(adata: anndata.AnnData, key: str, control: str, sep: str, where: str) -> np.ndarray:
     if key not in adata.obs:
-        raise DataError(f"{where}.obs has no column {key!r} (columns: {_few(list(adata.obs.columns))}); "
+        raise DataError(f"{where}.obs has no column {key!r} (columns: {few(list(adata.obs.columns))}); "
                         "pass perturbation_key= to name the condition column.")
     raw = adata.obs[key].astype(str).to_numpy()
     unique, inverse = np.unique(raw, return_inverse=True)
@@ -286,7 +286,7 @@ def evaluate(pred: anndata.AnnData, observed: anndata.AnnData, *, perturbation_k
     Parameters
     ----------
     pred : AnnData
-        Predicted cells (see :func:`lcd_bayes.expression.prediction_anndata`); its genes
+        Predicted cells (see :func:`lcd_bayes.io.expression.prediction_anndata`); its genes
         (``var_names``) are the genes compared, its ``uns["lcd_bayes"]["space"]`` its scale.
     observed : AnnData
         Observed cells, including control cells and cells of every predicted condition.
@@ -296,7 +296,7 @@ def evaluate(pred: anndata.AnnData, observed: anndata.AnnData, *, perturbation_k
         whatever the order of their parts ("B+A" is "A+B").
     layer, total_counts_key : str, optional
         Where the observed file keeps counts, or its library sizes when it holds log1p-normalized
-        values (see :func:`lcd_bayes.expression.expression`); the prediction is read as it is.
+        values (see :func:`lcd_bayes.io.expression.expression`); the prediction is read as it is.
     n_top_de : int
         Genes in each condition's top-DE set (:func:`top_de_genes`).
     length_scales : sequence of float, optional
@@ -329,17 +329,17 @@ def evaluate(pred: anndata.AnnData, observed: anndata.AnnData, *, perturbation_k
                         key=lambda q: (len(label_parts(q, control, sep)), q))
     if not conditions:
         raise DataError(f"the prediction has no cells outside the control {control!r} (its "
-                        f"{key!r} labels: {_few(sorted(set(pred_labels)))}); nothing to evaluate.")
+                        f"{key!r} labels: {few(sorted(set(pred_labels)))}); nothing to evaluate.")
     observed_conditions = sorted(set(obs_labels))
     missing = [q for q in conditions if q not in observed_conditions]
     if missing:
-        raise DataError(f"observed has no cells of {len(missing)} predicted condition(s): {_few(missing)}; "
-                        f"observed {key!r} has {_few(observed_conditions)}. Evaluate on held-out cells of "
+        raise DataError(f"observed has no cells of {len(missing)} predicted condition(s): {few(missing)}; "
+                        f"observed {key!r} has {few(observed_conditions)}. Evaluate on held-out cells of "
                         "the predicted conditions (or check perturbation_key=, control=, sep=).")
     is_control = obs_labels == control
     if not is_control.any():
         raise DataError(f"observed has no control cells labelled {control!r} in {key!r} (it has "
-                        f"{_few(observed_conditions)}); include control cells, or pass control= to name them.")
+                        f"{few(observed_conditions)}); include control cells, or pass control= to name them.")
 
     x_pred = expression(pred, genes, where="predicted")
     x_obs = expression(observed, genes, layer=layer, total_counts_key=total_counts_key, where="observed")

@@ -67,7 +67,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.linalg import solve_continuous_lyapunov
 
-from .simulate import effect_matrix, random_graph_weights
+from .graphs import effect_matrix, random_graph_weights
 
 __all__ = [
     "NonlinearSystem",
@@ -75,7 +75,7 @@ __all__ = [
     "regulatory_input",
     "drift",
     "jacobian",
-    "fixed_point",
+    "fixed_point_float64",
     "relaxation_rate",
     "default_time_step",
     "stationary_cells",
@@ -146,7 +146,7 @@ def random_nonlinear_system(
     """Draw a contracting nonlinear system on an Erdős–Rényi graph.
 
     The graph, weights and control means are drawn exactly like
-    :func:`lcd_bayes.simulate.random_linear_system` (same calls in the same order), so a seed
+    :func:`lcd_bayes.sim.linear.random_linear_system` (same calls in the same order), so a seed
     gives the same signed graph in both families; the sigmoid positions are drawn after them.
 
     Parameters
@@ -247,7 +247,7 @@ def jacobian(system: NonlinearSystem, x: np.ndarray) -> np.ndarray:
     return jac
 
 
-def fixed_point(
+def fixed_point_float64(
     system: NonlinearSystem,
     shift: np.ndarray | float = 0.0,
     *,
@@ -255,7 +255,12 @@ def fixed_point(
     tol: float = 1e-12,
     max_iter: int = 100_000,
 ) -> np.ndarray:
-    """The unique fixed point ``x*`` with ``f(x*; c) = 0``, for one shift or a batch.
+    """The unique fixed point ``x*`` with ``f(x*; c) = 0``, for one shift or a batch, in numpy float64.
+
+    The simulator's own solver, for its truth (``uns["lcd_truth"]["fixed_point"]``, to ``tol``) and
+    its cells' starts. The model and CLIPR solve fixed points of any drift function with
+    ``lcd_bayes.dynamics.fixed_point.fixed_point`` instead: damped Newton in JAX (jittable,
+    vmapped, differentiable), in the model's float32 and to its ``rtol``, from a given start.
 
     Picard iteration ``x <- (phi(W x + h) + b + c) / decay`` converges from any start: it is
     a contraction in the Perron-weighted max-norm with factor ``rho / (rho + margin)``. Three
@@ -359,7 +364,7 @@ def stationary_cells(
     condition_shift = np.atleast_2d(np.asarray(condition_shift, dtype=float))
     condition_index = np.asarray(condition_index)
     if fixed_points is None:
-        fixed_points = fixed_point(system, condition_shift)
+        fixed_points = fixed_point_float64(system, condition_shift)
     if dt is None:
         dt = default_time_step(system)
     if not 0.0 < dt * float(np.max(system.decay)) <= 1.0:

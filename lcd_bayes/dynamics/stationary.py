@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .config import SCHEMES
+from ..config import SCHEMES
 
 
 class StationaryLaw(NamedTuple):

@@ -16,7 +16,7 @@ Cells cycle over a random subset of draws, so the spread of predicted cells carr
 posterior's uncertainty as well as the cell-to-cell noise.
 
 Nonlinear runs (``[model] drift = "nonlinear"``): each draw's requested conditions get their
-stationary law from the model's own solver (``drift_nonlinear.stationary_law_nonlinear``: fixed
+stationary law from the model's own solver (``dynamics.nonlinear.stationary_law_nonlinear``: fixed
 point, linear-noise approximation, particles, moment matching; ``PREDICT_PARTICLES`` particles),
 and a predicted cell is ``x ~ N(mu_sq, Sigma_sq)`` with a covariance per condition.
 
@@ -37,14 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from .data import DataError
-from .drift_nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
-from .drift_nonlinear import from_posterior, stationary_law_nonlinear
-from .expression import canonical_label, label_parts, prediction_anndata
-from .model import link
-from .posterior import stacked_draws
-from .run import load_run
-from .stationary import stationary_law, stationary_means
+from ..dynamics.nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
+from ..dynamics.nonlinear import from_posterior, stationary_law_nonlinear
+from ..dynamics.stationary import stationary_law, stationary_means
+from ..inference.posterior import stacked_draws
+from ..io.expression import canonical_label, label_parts, prediction_anndata
+from ..io.run_folder import load_run
+from ..io.screen import DataError
+from ..model.program import link
 
 DEFAULT_CELL_DRAWS = 100  # posterior draws the predicted cells cycle over
 INTERVAL = 0.9
@@ -163,7 +163,7 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
         raise ValueError(f"n_cells must be a positive number of cells per condition, not {n_cells}")
     tree, config, record = load_run(run)
     # A Laplace-refined run keeps the guide's draws too: its Laplace draws are for the effects'
-    # intervals, and cells predicted from them were about twice as far off (lcd_bayes.run).
+    # intervals, and cells predicted from them were about twice as far off (docs/evaluation.md).
     source = "guide_posterior" if "guide_posterior" in tree.children else "posterior"
     posterior = tree[source]
     model = config.model

@@ -2,10 +2,11 @@
 
 The Gaussian guides find the posterior means but their intervals are too narrow: on 20 genes
 (Gaussian likelihood) HMC's sds of the true effects are 1.6-1.75 times the row-block guide's, and
-its intervals cover the true edges at the nominal rates where the guide's do not (README,
-calibration). The guide misses correlations across rows of ``R`` and the spread of the global
-scales, which no Gaussian family we could fit by SVI recovered (a full-rank guide over all ~900
-parameters of a 20-gene model ended 2,000 nats worse in the same steps).
+its intervals cover the true edges at the nominal rates where the guide's do not
+(docs/inference.md, "Why the guide alone is not calibrated"). The guide misses correlations across
+rows of ``R`` and the spread of the global scales, which no Gaussian family we could fit by SVI
+recovered (a full-rank guide over all ~900 parameters of a 20-gene model ended 2,000 nats worse in
+the same steps).
 
 Both refinements work in the coordinates the fitted guide whitens: with ``m`` and ``L L^T`` the
 mean and covariance of the guide's draws in the unconstrained space, ``z = m + L eps``, and
@@ -132,7 +133,7 @@ def resolve_refinement(refine: str, model, cells) -> tuple[str, str | None]:
     return "none", (
         f"this model has {latent_dim} latent dimensions, more than the {MAX_LATENT_DIM} (about 40 genes) the "
         "Laplace refinement can whiten, so its credible intervals are the guide's, which are too narrow to be "
-        "calibrated (README, calibration); fit fewer genes (--n-top-genes) for calibrated ones"
+        "calibrated (docs/inference.md); fit fewer genes (--n-top-genes) for calibrated ones"
     )
 
 

@@ -16,7 +16,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
-from .clipr import load_clipr, summary_to_table
+from .analysis.clipr import load_clipr, summary_to_table
 
 MAX_TICK_LABELS = 60  # beyond this many genes, tick labels overlap into a black bar
 POSITIVE, NEGATIVE = "tab:red", "tab:blue"

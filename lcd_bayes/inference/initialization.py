@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.initialization import init_to_median
 
-from .config import ModelConfig
-from .model import CONCENTRATION_PRIOR_MEDIAN, CellBatch, Structure, crude_latent
+from ..config import ModelConfig
+from ..model.program import CONCENTRATION_PRIOR_MEDIAN, CellBatch, Structure, crude_latent
 
 
 def prior_centres(structure: Structure, config: ModelConfig) -> dict[str, np.ndarray]:

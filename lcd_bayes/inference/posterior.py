@@ -2,12 +2,11 @@
 
 Draws use ArviZ's sample dims ``(chain, draw)`` with one chain of independent variational draws,
 so ``az.summary``, ``az.hdi`` and ``arviz_plots`` work as they are; ``az.extract(dt)`` stacks
-them on a single ``sample`` dim.
+them on a single ``sample`` dim. Writing and reading the tree (``posterior.nc``) is
+``lcd_bayes.io.run_folder``'s.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -16,8 +15,8 @@ import numpy as np
 import xarray as xr
 from numpyro.handlers import seed, substitute, trace
 
-from . import __version__
-from .model import Structure, drift_prior
+from .. import __version__
+from ..model.program import Structure, drift_prior
 
 
 class Coords(NamedTuple):
@@ -154,60 +153,3 @@ def stacked_draws(array: xr.DataArray) -> np.ndarray:
     vmapped computations on draws (CLIPR, prediction)."""
     array = array.transpose("chain", "draw", ...)
     return np.asarray(array.values, np.float32).reshape(-1, *array.shape[2:])
-
-
-# Stored once: ``interaction`` is ``drift`` transposed without its diagonal, and for the linear
-# drift ``relative_interaction`` is ``drift`` per unit of the target's self-decay; ``save_datatree``
-# leaves them out (three (draws, genes, genes) arrays of 2 GB each at 1,000 genes and 500 draws)
-# and ``load_datatree`` derives them again. A nonlinear run stores its R, which is a parameter
-# there, not a function of the Jacobian in ``drift``.
-DERIVED_ON_READ = ("interaction", "relative_interaction")
-
-
-def _is_linear(group: xr.Dataset) -> bool:
-    return "saturation" not in group
-
-
-def with_derived_effects(group: xr.Dataset) -> xr.Dataset:
-    """A posterior group with ``interaction`` (and, linear drift, ``relative_interaction``)
-    derived from ``drift`` where they are missing."""
-    if "drift" not in group:
-        return group
-    drift = group["drift"]  # (chain, draw, target, source): A[k, j] is the effect of j on k
-    off_diagonal = xr.DataArray(1.0 - np.eye(drift.sizes["target"], dtype=drift.dtype), dims=("target", "source"))
-    derived = {}
-    if "interaction" not in group:
-        derived["interaction"] = (drift * off_diagonal).transpose("chain", "draw", "source", "target")
-    if "relative_interaction" not in group and _is_linear(group):
-        decay = -xr.DataArray(np.diagonal(drift.values, axis1=-2, axis2=-1), dims=("chain", "draw", "target"))
-        derived["relative_interaction"] = (drift / decay * off_diagonal).transpose("chain", "draw", "source", "target")
-    return group.assign({name: value.astype(drift.dtype) for name, value in derived.items()})
-
-
-def save_datatree(tree: xr.DataTree, path) -> None:
-    """Write ``tree`` to netCDF: posterior draws as float32, compressed, each (genes, genes)
-    quantity once (``DERIVED_ON_READ``); written to a temporary name and renamed, so that an
-    interrupted write never leaves a file that looks finished."""
-    path = Path(path)
-    groups, encoding = {}, {}
-    for node in tree.subtree:
-        dataset = node.to_dataset(inherit=False)
-        if "drift" in dataset:
-            dataset = dataset.drop_vars([name for name in DERIVED_ON_READ
-                                         if name in dataset and (name == "interaction" or _is_linear(dataset))])
-            dataset = dataset.map(lambda v: v.astype(np.float32) if v.dtype == np.float64 else v, keep_attrs=True)
-        groups[node.path] = dataset
-        encoding[node.path] = {name: {"zlib": True, "complevel": 4} for name in dataset.data_vars
-                               if dataset[name].ndim > 0}
-    tmp = path.with_name(path.name + ".partial")
-    xr.DataTree.from_dict(groups).to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
-    os.replace(tmp, path)
-
-
-def load_datatree(path) -> xr.DataTree:
-    """Read a saved posterior fully into memory (the file is closed afterwards), with the
-    quantities ``save_datatree`` left out derived again."""
-    with xr.open_datatree(path, engine="h5netcdf") as tree:
-        tree = tree.load()
-    return xr.DataTree.from_dict({node.path: with_derived_effects(node.to_dataset(inherit=False))
-                                  for node in tree.subtree})

@@ -18,7 +18,7 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from .data import DataError, _as_matrix, _convert_lognorm, _few, _validate_counts
+from .screen import DataError, as_matrix, convert_lognorm, few, validate_counts
 
 UNS_KEY = "lcd_bayes"
 SPACES = ("counts", "log1p_normalized")
@@ -63,24 +63,24 @@ def expression(adata: anndata.AnnData, genes, *, layer: str | None = None,
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise DataError(
-            f"{where} lacks {len(missing)} of the compared genes (e.g. {_few(missing)}); both files "
+            f"{where} lacks {len(missing)} of the compared genes (e.g. {few(missing)}); both files "
             "must measure the predicted genes (compare on the genes the model was fitted to)."
         )
     subset = adata[:, genes]
     if layer is not None and layer not in subset.layers:
-        raise DataError(f"layer {layer!r} is not in {where}.layers (available: {_few(list(subset.layers))})")
-    matrix = _as_matrix(subset.layers[layer] if layer is not None else subset.X)
+        raise DataError(f"layer {layer!r} is not in {where}.layers (available: {few(list(subset.layers))})")
+    matrix = as_matrix(subset.layers[layer] if layer is not None else subset.X)
     if space_of(adata) == "log1p_normalized":
         values = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
         return values.astype(np.float32)
     if total_counts_key is not None:
         # Convert with the library sizes over all genes: X was normalized over the whole library.
-        full = _as_matrix(adata.layers[layer] if layer is not None else adata.X)
-        counts, _ = _convert_lognorm(adata, full, where, total_counts_key, target_sum)
+        full = as_matrix(adata.layers[layer] if layer is not None else adata.X)
+        counts, _ = convert_lognorm(adata, full, where, total_counts_key, target_sum)
         index = adata.var_names.get_indexer(genes)
         matrix = counts[:, index]
     else:
-        _validate_counts(subset, matrix, where)
+        validate_counts(subset, matrix, where)
     values = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
     return normalize_log1p(values, target_sum)
 

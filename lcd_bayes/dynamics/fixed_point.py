@@ -4,6 +4,9 @@ and the nonlinear model (the centre of each condition's linear-noise approximati
 ``fixed_point`` is a ``lax.while_loop``, which reverse-mode AD cannot go through;
 ``differentiable_fixed_point`` gives the same point with the implicit-function gradient
 ``dx*/dtheta = -J^{-1} df/dtheta`` so that SVI can differentiate the fixed point of a draw.
+
+The simulator solves its own systems in numpy float64 (``sim.nonlinear.fixed_point_float64``),
+for a truth that does not depend on this solver's float32 tolerance.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Analyses of a posterior: CLIPR, prediction, baselines, splits, evaluation, recovery scores, summaries."""

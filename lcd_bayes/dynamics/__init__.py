@@ -1,0 +1,1 @@
+"""The latent dynamics' numerics: stationary laws, fixed points, the nonlinear drift and its particles."""

@@ -1,0 +1,1 @@
+"""Input and output: AnnData screens to validated arrays, the shared expression scale, run folders."""

@@ -1,0 +1,153 @@
+"""Run folders: reading and writing what a fit leaves behind, and reading ``.h5ad`` input.
+
+A run folder holds everything needed to inspect or reproduce a fit:
+
+    config.toml      the model and fit settings used (``lcd-bayes fit --config`` reads it back)
+    data.json        how the data were read: keys, labels, genes, conditions, targets
+    elbo.csv         the ELBO at every step
+    posterior.nc     ArviZ DataTree: posterior draws, constant data, the SVI trace
+    params.pkl       the variational parameters
+    summary.txt      the fit's headline numbers
+    checkpoint.pkl   only while a fit is unfinished: resume by running the same command
+
+CLIPR adds ``clipr.nc`` and ``edges.csv`` (``analysis.clipr``), the report its figures (``pl``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from ..config import RunConfig, load_config
+from .screen import PerturbationData
+
+
+def read_h5ad(path: str | Path) -> anndata.AnnData:
+    """Read an ``.h5ad`` file, with a plain ``FileNotFoundError`` when there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    return anndata.read_h5ad(path)
+
+
+def data_record(data: PerturbationData) -> dict:
+    """What ``data.json`` records of how the data were read (keys, labels, genes, conditions,
+    targets, library sizes)."""
+    control = data.condition == 0
+    return {
+        "perturbation_key": data.perturbation_key, "control": data.control, "sep": data.sep,
+        "is_counts": data.is_counts, "genes": list(data.genes), "conditions": list(data.conditions),
+        "perturbations": list(data.perturbations),
+        "targets": {p: [g for g, t in zip(data.genes, row) if t] for p, row in zip(data.perturbations, data.targets)},
+        "cells_per_condition": np.bincount(data.condition, minlength=data.n_conditions).tolist(),
+        "mean_size_factor_log_sd": float(np.std(np.log(data.size_factor))) if data.is_counts else 0.0,
+        # Predicted cells draw library sizes like the control cells': log-normal with these moments.
+        "control_size_factor_log_mean": float(np.mean(np.log(data.size_factor[control]))) if data.is_counts else 0.0,
+        "control_size_factor_log_sd": float(np.std(np.log(data.size_factor[control]))) if data.is_counts else 0.0,
+    }
+
+
+def start_run_folder(folder: Path, config: RunConfig, data: PerturbationData) -> None:
+    """Create the run folder of a new (or resumed) fit and write ``config.toml`` and ``data.json``;
+    refuses a folder that already holds a finished fit."""
+    if (folder / "posterior.nc").exists():
+        raise FileExistsError(
+            f"{folder} already holds a finished fit (posterior.nc); write to a new --out folder "
+            "or delete the old one"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(config.to_toml())
+    (folder / "data.json").write_text(json.dumps(data_record(data), indent=1))
+
+
+def write_run(folder: Path, tree: xr.DataTree, result) -> None:
+    """Write a finished fit into its folder: ``elbo.csv``, ``params.pkl``, ``posterior.nc`` and
+    ``summary.txt`` from ``tree`` and the fit's ``result`` (``inference.svi.FitResult``), and
+    remove the checkpoint."""
+    pd.DataFrame({"step": np.arange(result.losses.size), "elbo": -result.losses}).to_csv(
+        folder / "elbo.csv", index=False
+    )
+    with open(folder / "params.pkl", "wb") as f:
+        pickle.dump(result.params, f)
+    save_datatree(tree, folder / "posterior.nc")
+    (folder / "summary.txt").write_text(
+        f"steps: {result.losses.size}\nconverged: {result.converged}\n"
+        f"seconds: {result.seconds:.1f} (compile {result.compile_seconds:.1f})\n"
+        f"final ELBO (mean of last 100 steps): {-result.losses[-100:].mean():.6g}\n"
+    )
+    checkpoint = folder / "checkpoint.pkl"
+    if checkpoint.exists():
+        checkpoint.unlink()  # the fit is complete: params.pkl and posterior.nc supersede it
+
+
+def load_run(folder: str | Path) -> tuple[xr.DataTree, RunConfig, dict]:
+    """The posterior, configuration and data record of a finished run folder."""
+    folder = Path(folder)
+    if not (folder / "posterior.nc").exists():
+        hint = " (an unfinished fit: run the same fit command again to resume)" if (folder / "checkpoint.pkl").exists() else ""
+        raise FileNotFoundError(f"{folder} has no posterior.nc{hint}; create it with `lcd-bayes fit`")
+    return (load_datatree(folder / "posterior.nc"), load_config(folder / "config.toml"),
+            json.loads((folder / "data.json").read_text()))
+
+
+# Stored once: ``interaction`` is ``drift`` transposed without its diagonal, and for the linear
+# drift ``relative_interaction`` is ``drift`` per unit of the target's self-decay; ``save_datatree``
+# leaves them out (three (draws, genes, genes) arrays of 2 GB each at 1,000 genes and 500 draws)
+# and ``load_datatree`` derives them again. A nonlinear run stores its R, which is a parameter
+# there, not a function of the Jacobian in ``drift``.
+DERIVED_ON_READ = ("interaction", "relative_interaction")
+
+
+def _is_linear(group: xr.Dataset) -> bool:
+    return "saturation" not in group
+
+
+def with_derived_effects(group: xr.Dataset) -> xr.Dataset:
+    """A posterior group with ``interaction`` (and, linear drift, ``relative_interaction``)
+    derived from ``drift`` where they are missing."""
+    if "drift" not in group:
+        return group
+    drift = group["drift"]  # (chain, draw, target, source): A[k, j] is the effect of j on k
+    off_diagonal = xr.DataArray(1.0 - np.eye(drift.sizes["target"], dtype=drift.dtype), dims=("target", "source"))
+    derived = {}
+    if "interaction" not in group:
+        derived["interaction"] = (drift * off_diagonal).transpose("chain", "draw", "source", "target")
+    if "relative_interaction" not in group and _is_linear(group):
+        decay = -xr.DataArray(np.diagonal(drift.values, axis1=-2, axis2=-1), dims=("chain", "draw", "target"))
+        derived["relative_interaction"] = (drift / decay * off_diagonal).transpose("chain", "draw", "source", "target")
+    return group.assign({name: value.astype(drift.dtype) for name, value in derived.items()})
+
+
+def save_datatree(tree: xr.DataTree, path) -> None:
+    """Write ``tree`` to netCDF: posterior draws as float32, compressed, each (genes, genes)
+    quantity once (``DERIVED_ON_READ``); written to a temporary name and renamed, so that an
+    interrupted write never leaves a file that looks finished."""
+    path = Path(path)
+    groups, encoding = {}, {}
+    for node in tree.subtree:
+        dataset = node.to_dataset(inherit=False)
+        if "drift" in dataset:
+            dataset = dataset.drop_vars([name for name in DERIVED_ON_READ
+                                         if name in dataset and (name == "interaction" or _is_linear(dataset))])
+            dataset = dataset.map(lambda v: v.astype(np.float32) if v.dtype == np.float64 else v, keep_attrs=True)
+        groups[node.path] = dataset
+        encoding[node.path] = {name: {"zlib": True, "complevel": 4} for name in dataset.data_vars
+                               if dataset[name].ndim > 0}
+    tmp = path.with_name(path.name + ".partial")
+    xr.DataTree.from_dict(groups).to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
+    os.replace(tmp, path)
+
+
+def load_datatree(path) -> xr.DataTree:
+    """Read a saved posterior fully into memory (the file is closed afterwards), with the
+    quantities ``save_datatree`` left out derived again."""
+    with xr.open_datatree(path, engine="h5netcdf") as tree:
+        tree = tree.load()
+    return xr.DataTree.from_dict({node.path: with_derived_effects(node.to_dataset(inherit=False))
+                                  for node in tree.subtree})

@@ -1,0 +1,1 @@
+"""The generative model: the NumPyro program of a latent causal diffusion."""

@@ -1,0 +1,1 @@
+"""Simulated perturbation screens with known effects (linear and nonlinear latent diffusions)."""
