@@ -123,8 +123,8 @@ if __name__ == "__main__":
     parser.add_argument("--genes", type=int, nargs="+", default=[20, 100, 300])
     parser.add_argument("--cells", type=int, default=200, help="cells per condition")
     parser.add_argument("--config", nargs="+", default=[None],
-                        help="model TOMLs to time (default: models/lcd_linear.toml), e.g. "
-                             "--config models/lcd_linear.toml models/lcd_nonlinear.toml")
+                        help="model configurations to time, shipped names or TOML files (default: lcd_linear), "
+                             "e.g. --config lcd_linear lcd_nonlinear")
     parser.add_argument("--sim-particles", type=int, nargs="*", default=None,
                         help="nonlinear configs: time each of these particle counts (the cost driver)")
     parser.add_argument("--cell-particles", type=int, nargs="*", default=None,

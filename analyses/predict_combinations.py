@@ -172,8 +172,8 @@ if __name__ == "__main__":
     parser.add_argument("--genes", type=int, default=100, help="most variable genes modelled on norman19")
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--config", nargs="+", default=[None],
-                        help="model configuration TOMLs, one LCD fit each (default: models/lcd_linear.toml); "
-                             "e.g. --config models/lcd_linear.toml models/lcd_nonlinear.toml")
+                        help="model configurations, shipped names or TOML files, one LCD fit each (default: "
+                             "lcd_linear); e.g. --config lcd_linear lcd_nonlinear")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--simulated", nargs="*", default=["linear", "nonlinear"], choices=["linear", "nonlinear"],
                         help="simulated drift families to score (none: only the real data)")

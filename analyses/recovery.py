@@ -164,7 +164,8 @@ if __name__ == "__main__":
     parser.add_argument("--cells", type=int, default=200)
     parser.add_argument("--seed", type=int, nargs="+", default=[0],
                         help="data (and fit) seeds; with several, the scores are also averaged over them")
-    parser.add_argument("--config", default=None, help="model TOML (default: models/lcd_linear.toml)")
+    parser.add_argument("--config", default=None,
+                        help="model configuration, a shipped name or a TOML file (default: lcd_linear)")
     parser.add_argument("--guide", default=None, help="override [fit] guide: mean_field | low_rank | row_block")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the model TOML, e.g. --set fit.steps=12000 model.interaction_global_scale=0.3")

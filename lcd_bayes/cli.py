@@ -55,12 +55,14 @@ def _add_fit(sub):
         "fit", help="fit a latent causal diffusion by SVI and write a run folder",
         epilog="examples:\n  lcd-bayes fit sim.h5ad --out runs/sim\n"
                "  lcd-bayes fit screen.h5ad --out runs/screen --control non-targeting --layer counts "
-               "--config models/lcd_linear.toml --steps 8000",
+               "--config lcd_linear --steps 8000",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("data", help="AnnData .h5ad file")
     p.add_argument("--out", required=True, help="run folder (an unfinished fit there resumes)")
-    p.add_argument("--config", default=None, help="model configuration TOML (see models/)")
+    p.add_argument("--config", default=None, metavar="NAME_OR_PATH",
+                   help="model configuration: a shipped one by name (lcd_linear, the default; lcd_nonlinear) "
+                        "or a TOML file")
     p.add_argument("--perturbation-key", default="condition", help="obs column with condition labels")
     p.add_argument("--control", default="ctrl", help="label of control cells")
     p.add_argument("--sep", default="+", help="separator of combination labels")

@@ -1,4 +1,5 @@
-"""Model and fit configuration: immutable records read from the TOML files in ``models/``.
+"""Model and fit configuration: immutable records read from TOML files; the shipped ones
+(``lcd_linear``, ``lcd_nonlinear``) are package data in ``lcd_bayes/configs/``, found by name.
 
 Every user-facing choice lives here so that a run folder's ``config.toml`` reproduces the fit.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
@@ -188,7 +190,7 @@ class ModelConfig:
         if self.drift not in DRIFTS:
             raise ValueError(
                 f"drift must be one of {DRIFTS}, got {self.drift!r} (set [model] drift in the config TOML; "
-                "models/lcd_nonlinear.toml selects the nonlinear drift)"
+                "the shipped config lcd_nonlinear selects the nonlinear drift)"
             )
         if self.drift == "nonlinear":
             self.simulation_settings()  # SimulationSettings.validate raises on settings that cannot run
@@ -330,16 +332,28 @@ def _toml_value(value) -> str:
     return repr(value)
 
 
+# The shipped configurations: package data, so that an installed wheel has them too.
+SHIPPED_CONFIGS = "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configurations shipped in ``lcd_bayes/configs/`` (``lcd_linear``, ...)."""
+    folder = resources.files(__package__) / SHIPPED_CONFIGS
+    return sorted(entry.name.removesuffix(".toml") for entry in folder.iterdir() if entry.name.endswith(".toml"))
+
+
 def load_config(path: str | Path | None) -> RunConfig:
-    """Read a model configuration TOML (``models/NAME.toml``); ``None`` gives the defaults."""
+    """Read a model configuration TOML: a file, or a shipped configuration by name (``lcd_nonlinear``
+    or ``lcd_nonlinear.toml``, from ``lcd_bayes/configs/``); ``None`` gives the defaults."""
     if path is None:
         return RunConfig()
     path = Path(path)
-    if not path.exists():
-        shipped = Path(__file__).resolve().parents[1] / "models" / f"{path.stem}.toml"
-        if shipped.exists():
-            path = shipped
-        else:
-            raise FileNotFoundError(f"config file {path} not found (shipped configs live in models/)")
-    with open(path, "rb") as f:
-        return RunConfig.from_dict(tomllib.load(f))
+    if path.exists():
+        with open(path, "rb") as f:
+            return RunConfig.from_dict(tomllib.load(f))
+    shipped = resources.files(__package__) / SHIPPED_CONFIGS / f"{path.stem}.toml"
+    if not shipped.is_file():
+        raise FileNotFoundError(
+            f"config file {path} not found, nor a shipped config of that name (shipped: {', '.join(shipped_configs())})"
+        )
+    return RunConfig.from_dict(tomllib.loads(shipped.read_text(encoding="utf-8")))

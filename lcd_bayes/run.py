@@ -74,8 +74,9 @@ def fit(
     """Fit a latent causal diffusion to a perturbation screen and return its posterior.
 
     ``adata`` is an AnnData or a path to ``.h5ad``. With ``out`` the run folder is written
-    (and an interrupted fit into the same folder resumes from its checkpoint). Arguments left
-    as ``None`` take the configuration's values (``models/lcd_linear.toml`` by default).
+    (and an interrupted fit into the same folder resumes from its checkpoint). ``config`` is a
+    ``RunConfig``, a TOML file or a shipped configuration's name (``lcd_linear``, the default, or
+    ``lcd_nonlinear``). Arguments left as ``None`` take the configuration's values.
     ``refine="laplace"`` replaces the guide's draws by the Laplace approximation near the guide's
     mean, ``refine="nuts"`` by a NUTS chain on the same program, both in the coordinates the fitted
     guide whitens (``lcd_bayes.inference.refine``): slower, but their intervals are calibrated where

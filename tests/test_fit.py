@@ -182,7 +182,21 @@ def test_every_likelihood_fits(likelihood):
 def test_shipped_config_is_the_default():
     from lcd_bayes.config import load_config
 
-    assert load_config("models/lcd_linear.toml") == RunConfig()
+    assert load_config("lcd_linear") == RunConfig()
+
+
+def test_configs_are_found_by_name_or_as_a_file(tmp_path):
+    from importlib import resources
+
+    from lcd_bayes.config import load_config, shipped_configs
+
+    assert shipped_configs() == ["lcd_linear", "lcd_nonlinear"]
+    assert load_config("lcd_nonlinear.toml") == load_config("lcd_nonlinear")
+    copy = tmp_path / "mine.toml"
+    copy.write_text((resources.files("lcd_bayes") / "configs" / "lcd_nonlinear.toml").read_text())
+    assert load_config(copy) == load_config("lcd_nonlinear")
+    with pytest.raises(FileNotFoundError, match="shipped: lcd_linear, lcd_nonlinear"):
+        load_config("lcd_missing")
 
 
 def test_stability_warning_names_the_remedy_of_the_scheme():

@@ -88,8 +88,8 @@ def test_an_unstable_fixed_point_is_projected_and_reported():
 
 
 def test_config_selects_and_validates_the_drift():
-    assert RunConfig().model.drift == "linear" and load_config("models/lcd_linear.toml").model.drift == "linear"
-    shipped = load_config("models/lcd_nonlinear.toml").model
+    assert RunConfig().model.drift == "linear" and load_config("lcd_linear.toml").model.drift == "linear"
+    shipped = load_config("lcd_nonlinear").model
     assert shipped.drift == "nonlinear" and shipped.simulation_settings().n_recorded == 10
     with pytest.raises(ValueError, match=r"drift must be one of \('linear', 'nonlinear'\), got 'mlp'"):
         ModelConfig(drift="mlp")
@@ -99,7 +99,7 @@ def test_config_selects_and_validates_the_drift():
 
 @pytest.fixture(scope="module")
 def nonlinear_run(tmp_path_factory):
-    config = load_config("models/lcd_nonlinear.toml").replace(
+    config = load_config("lcd_nonlinear").replace(
         model={"likelihood": "gaussian", "sim_particles": 8},
         fit={"steps": 60, "steps_per_chunk": 20, "min_steps": 60, "checkpoint_every": 60,
              "num_posterior_samples": 12, "batch_size": 256},
