@@ -229,13 +229,13 @@ class FitConfig:
     cell_particles: int = 16
     steps_per_chunk: int = 50  # steps fused into one jitted lax.scan between progress updates
     devices: int = 0  # devices the cells are sharded over in SVI (data parallel); 0: all JAX sees
-    # The fit's guide locations are the running average of the iterates over about the last
-    # average_fraction of the steps (lcd_bayes.inference.svi.averaged). The fit stops before
-    # `steps` once that average moves, over a window of convergence_window steps, by less than
-    # convergence_tol posterior sds (median; 10x that at the 90th percentile), past min_steps.
-    average_fraction: float = 0.33
+    # The fit stops before `steps` once the learning rate has annealed to convergence_lr_fraction
+    # of its peak and the guide's locations (averaged over a chunk) move, over a window of
+    # convergence_window steps, by less than convergence_tol posterior sds (median; 10x that at
+    # the 90th percentile), past min_steps (lcd_bayes.inference.svi.Progress).
     convergence_window: int = 250
     convergence_tol: float = 0.05
+    convergence_lr_fraction: float = 0.1
     min_steps: int = 1000
     checkpoint_every: int = 500
     num_posterior_samples: int = 500
@@ -276,8 +276,6 @@ class FitConfig:
             raise ValueError("refine_warmup, refine_max_tree_depth and refine_hessian_batch must be positive")
         if not 0 < self.refine_curvature_floor <= 1:
             raise ValueError(f"refine_curvature_floor must be in (0, 1], got {self.refine_curvature_floor}")
-        if not 0 < self.average_fraction <= 1:
-            raise ValueError(f"average_fraction must be in (0, 1], got {self.average_fraction}")
         if self.convergence_window < 1 or self.convergence_tol <= 0:
             raise ValueError("convergence_window and convergence_tol must be positive")
         if self.devices < 0:

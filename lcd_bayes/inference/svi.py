@@ -35,10 +35,10 @@ class FitError(RuntimeError):
 class FitResult(NamedTuple):
     params: dict  # variational parameters (numpy)
     losses: np.ndarray  # (steps,) negative ELBO per step
-    converged: bool  # the averaged posterior stopped moving before the step budget was spent
+    converged: bool  # the annealed posterior stopped moving before the step budget was spent
     seconds: float  # wall time of the optimization, compilation included
     compile_seconds: float
-    movements: tuple  # median movement of the averaged locations per convergence window (posterior sds)
+    movements: tuple  # median movement of the guide's locations per convergence window (posterior sds)
 
 
 class Inference(NamedTuple):
@@ -111,11 +111,11 @@ def build_inference(structure: Structure, config: RunConfig, start: dict | None 
 def learning_rate(fit, step):
     """Warm up from a tenth of ``learning_rate`` over ``warmup_steps``, then a cosine down to
     ``final_lr_fraction`` of it at ``steps``. Works on numbers and traced arrays alike."""
-    step = jnp.asarray(step, jnp.float32)
-    warmup = jnp.minimum(1.0, step / max(fit.warmup_steps, 1))
-    progress = jnp.clip(step / fit.steps, 0.0, 1.0)
-    cosine = fit.final_lr_fraction + (1.0 - fit.final_lr_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return fit.learning_rate * jnp.where(step < fit.warmup_steps, 0.1 + 0.9 * warmup, cosine)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=fit.learning_rate * 0.1, peak_value=fit.learning_rate,
+        warmup_steps=min(fit.warmup_steps, fit.steps - 1), decay_steps=fit.steps,
+        end_value=fit.learning_rate * fit.final_lr_fraction,
+    )(step)
 
 
 def with_learning_rate(state, rate):
@@ -128,16 +128,6 @@ def with_learning_rate(state, rate):
 def guide_locations(raw_params: dict) -> dict:
     """The guide's location parameters (unconstrained, as optimized) by name."""
     return {name: value for name, value in raw_params.items() if name.endswith("_loc")}
-
-
-def averaged(average: dict, current: dict, step, fraction: float) -> dict:
-    """One step of the running average of the iterates, weight ``1 / (fraction * step)`` on the
-    newest: the iterates of step ``t0`` weigh ``(t0 / t)^(1 / fraction)`` of what they weighed then,
-    so the average covers about the last ``fraction`` of the steps, a window that grows with the
-    fit (Polyak-Ruppert averaging). Adam's iterates jitter around the optimum by an amount set by
-    the learning rate, for well-determined parameters several posterior sds; their average less."""
-    weight = 1.0 / jnp.maximum(1.0, fraction * jnp.asarray(step, jnp.float32))
-    return jax.tree_util.tree_map(lambda mean, value: mean + weight * (value - mean), average, current)
 
 
 def guide_scales(params: dict) -> dict:
@@ -163,10 +153,10 @@ def posterior_movement(previous: dict, current: dict, scales: dict) -> np.ndarra
 
 
 def has_settled(movement: np.ndarray, fit) -> bool:
-    """The averaged posterior means stopped moving over the last window: by less than
-    ``convergence_tol`` posterior sds at the median and ``10 * convergence_tol`` at the 90th
-    percentile (a few weakly determined parameters, such as the local scales of absent edges in
-    the horseshoe's funnels, drift on long after the effects have settled)."""
+    """The posterior means stopped moving over the last window: by less than ``convergence_tol``
+    posterior sds at the median and ``10 * convergence_tol`` at the 90th percentile (a few weakly
+    determined parameters, such as the local scales of absent edges in the horseshoe's funnels,
+    drift on long after the effects have settled)."""
     return bool(np.median(movement) < fit.convergence_tol and np.quantile(movement, 0.9) < 10 * fit.convergence_tol)
 
 
@@ -174,36 +164,40 @@ class Progress(NamedTuple):
     """What the convergence check has seen so far (kept in checkpoints, so that a resumed fit
     stops exactly where the uninterrupted one would)."""
 
-    window_start: dict | None = None  # the averaged locations at the start of this window
-    movements: tuple = ()  # median movement of the averaged locations per window, in posterior sds
+    window_start: dict | None = None  # the guide's mean locations over the chunk that opened this window
+    movements: tuple = ()  # median movement per window, in posterior sds
     settled: bool = False
 
-    def after_chunk(self, fit, step: int, average: dict, scales) -> "Progress":
-        """At the end of each window of ``convergence_window`` steps, compare the averaged
-        locations with the window's start; ``scales()`` gives the guide's current sds."""
-        if step % fit.convergence_window >= fit.steps_per_chunk and self.window_start is not None:
+    def after_chunk(self, fit, step: int, chunk_mean: dict, scales) -> "Progress":
+        """At the end of each window of ``convergence_window`` steps, compare the guide's
+        locations (averaged over a chunk) with those at the window's start. The fit may stop once
+        the learning rate has annealed to ``convergence_lr_fraction`` of its peak, past
+        ``min_steps``: at a higher rate Adam's iterates jitter by a good part of a posterior sd
+        (measured on 15-gene screens: the window means moved 0.2 sds per 250 steps at the peak,
+        0.05 at the end), and stopping before the anneal ends cost calibration (docs/inference.md).
+        ``scales()`` gives the guide's current sds."""
+        if self.window_start is not None and step % fit.convergence_window >= fit.steps_per_chunk:
             return self
         if self.window_start is None:
-            return self._replace(window_start=average)
-        movement = posterior_movement(self.window_start, average, scales())
-        settled = step >= fit.min_steps and has_settled(movement, fit)
-        return Progress(average, self.movements + (float(np.median(movement)),), settled)
+            return self._replace(window_start=chunk_mean)
+        movement = posterior_movement(self.window_start, chunk_mean, scales())
+        annealed = float(learning_rate(fit, step)) <= fit.convergence_lr_fraction * fit.learning_rate
+        settled = step >= fit.min_steps and annealed and has_settled(movement, fit)
+        return Progress(chunk_mean, self.movements + (float(np.median(movement)),), settled)
 
 
 class Checkpoint(NamedTuple):
     state: object  # SVIState with numpy leaves
     losses: np.ndarray
     fingerprint: str
-    average: dict  # the running average of the guide's locations
     progress: Progress
 
 
-def save_checkpoint(path: Path, state, losses: np.ndarray, fingerprint: str, average: dict, progress: Progress) -> None:
+def save_checkpoint(path: Path, state, losses: np.ndarray, fingerprint: str, progress: Progress) -> None:
     """Write atomically, so an interruption during the write never corrupts the last checkpoint."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(Checkpoint(jax.device_get(state), np.asarray(losses), fingerprint, jax.device_get(average),
-                               progress), f)
+        pickle.dump(Checkpoint(jax.device_get(state), np.asarray(losses), fingerprint, progress), f)
     os.replace(tmp, path)
 
 
@@ -229,19 +223,17 @@ def fit_svi(
     fingerprint: str = "",
     progress: bool = True,
 ) -> tuple[FitResult, Inference]:
-    """Run SVI until the averaged posterior stops moving, or for ``config.fit.steps``.
+    """Run SVI for ``config.fit.steps``, or until the annealed posterior stops moving.
 
-    Steps run ``steps_per_chunk`` at a time inside one jitted ``lax.scan``, which also keeps the
-    running average of the guide's locations (``averaged``: the fit's result); between chunks the
-    loop updates the progress bar, checks convergence (``Progress``) and non-finite losses, and
-    checkpoints.
+    Steps run ``steps_per_chunk`` at a time inside one jitted ``lax.scan``, which also averages
+    the guide's locations over the chunk; between chunks the loop updates the progress bar,
+    checks convergence (``Progress``) and non-finite losses, and checkpoints.
     """
     fit = config.fit
     mesh = cell_mesh(fit)
     devices = 1 if mesh is None else mesh.size
-    # In random order, so that the model's minibatch windows are random subsets
-    # (model.program.cell_plate); with several devices, a multiple of their number (up to
-    # devices - 1 shuffled cells left out).
+    # In random order, so that the model's minibatch windows are random subsets (model.cell_plate);
+    # with several devices, a multiple of their number (up to devices - 1 shuffled cells left out).
     order = np.random.default_rng(fit.seed).permutation(structure.n_cells)
     order = order[: structure.n_cells - structure.n_cells % devices]
     host_cells = CellBatch(*(np.asarray(a)[order] for a in cells))
@@ -259,15 +251,16 @@ def fit_svi(
         # Sharded, the model learns its device's axis at the call (svi.init traces it unsharded).
         return svi.update(state, cells) if mesh is None else svi.update(state, cells, cell_axis=CELL_AXIS)
 
-    def chunk(state, average, cells, first_step):
-        def scanned(carry, offset):
-            state, average = carry
-            step = first_step + offset
+    def chunk(state, cells, first_step):
+        def scanned(carry, step):
+            state, location_sum = carry
             state, loss = one_step(state, cells, step)
-            return (state, averaged(average, locations(state), step + 1, fit.average_fraction)), loss
+            return (state, jax.tree_util.tree_map(jnp.add, location_sum, locations(state))), loss
 
-        (state, average), losses = jax.lax.scan(scanned, (state, average), jnp.arange(fit.steps_per_chunk))
-        return state, average, losses
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, locations(state))
+        steps = first_step + jnp.arange(fit.steps_per_chunk)
+        (state, location_sum), losses = jax.lax.scan(scanned, (state, zeros), steps)
+        return state, losses, jax.tree_util.tree_map(lambda total: total / fit.steps_per_chunk, location_sum)
 
     if mesh is None:
         cells = CellBatch(*(jnp.asarray(a) for a in host_cells))
@@ -275,22 +268,18 @@ def fit_svi(
         sharding = NamedSharding(mesh, P(CELL_AXIS))
         cells = CellBatch(*(jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
                             for a in host_cells))
-        chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(P(), P(), CellBatch(*(P(CELL_AXIS),) * 3), P()),
+        chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(P(), CellBatch(*(P(CELL_AXIS),) * 3), P()),
                               out_specs=P())
     run_chunk = jax.jit(chunk)
 
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     start = time.perf_counter()
     state = svi.init(key, host_cells)
-    losses, average, progress_record = np.zeros(0, dtype=np.float64), locations(state), Progress()
+    losses, progress_record = np.zeros(0, dtype=np.float64), Progress()
     resumed = load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
     if resumed is not None:
-        state, average = jax.tree_util.tree_map(jnp.asarray, (resumed.state, resumed.average))
+        state = jax.tree_util.tree_map(jnp.asarray, resumed.state)
         losses, progress_record = resumed.losses, resumed.progress
-
-    def result_params(state, average):
-        """The constrained guide parameters, with the averaged locations."""
-        return jax.device_get(svi.constrain_fn({**svi.optim.get_params(state.optim_state), **average}))
 
     bar = tqdm(total=fit.steps, initial=losses.size, desc="SVI", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -298,14 +287,14 @@ def fit_svi(
     try:
         while losses.size < fit.steps and not progress_record.settled:
             chunk_start = time.perf_counter()
-            new_state, new_average, chunk_losses = run_chunk(state, average, cells, losses.size)
+            new_state, chunk_losses, chunk_mean = run_chunk(state, cells, losses.size)
             chunk_losses = np.asarray(chunk_losses, dtype=np.float64)
             if compile_seconds == 0.0:
                 compile_seconds = time.perf_counter() - chunk_start
             if not np.all(np.isfinite(chunk_losses)):
                 bad = losses.size + int(np.argmin(np.isfinite(chunk_losses)))
                 if checkpoint_path:
-                    save_checkpoint(checkpoint_path, state, losses, fingerprint, average, progress_record)
+                    save_checkpoint(checkpoint_path, state, losses, fingerprint, progress_record)
                 raise FitError(
                     f"the ELBO became non-finite at step {bad}. Usual causes: a learning rate too high "
                     f"(now {fit.learning_rate}; set [fit] learning_rate lower in a --config TOML), counts "
@@ -314,20 +303,21 @@ def fit_svi(
                        "stiff draws, or fewer genes. " if config.model.drift == "nonlinear" else "")
                     + (f"The last finite state is saved in {checkpoint_path}." if checkpoint_path else "")
                 )
-            state, average, losses = new_state, new_average, np.concatenate([losses, chunk_losses])
+            state, losses = new_state, np.concatenate([losses, chunk_losses])
             progress_record = progress_record.after_chunk(
-                fit, losses.size, jax.device_get(average), lambda: guide_scales(result_params(state, average)))
+                fit, losses.size, jax.device_get(chunk_mean),
+                lambda: guide_scales(jax.device_get(svi.get_params(state))))
             bar.update(chunk_losses.size)
             bar.set_postfix(elbo=f"{-chunk_losses.mean():.4g}")
             if checkpoint_path and losses.size % fit.checkpoint_every < fit.steps_per_chunk:
-                save_checkpoint(checkpoint_path, state, losses, fingerprint, average, progress_record)
+                save_checkpoint(checkpoint_path, state, losses, fingerprint, progress_record)
     except KeyboardInterrupt:
         if checkpoint_path:
-            save_checkpoint(checkpoint_path, state, losses, fingerprint, average, progress_record)
+            save_checkpoint(checkpoint_path, state, losses, fingerprint, progress_record)
             bar.write(f"interrupted at step {losses.size}; run the same command again to resume.")
         raise
     finally:
         bar.close()
-    result = FitResult(result_params(state, average), losses, progress_record.settled,
+    result = FitResult(jax.device_get(svi.get_params(state)), losses, progress_record.settled,
                        time.perf_counter() - start, compile_seconds, progress_record.movements)
     return result, inference
