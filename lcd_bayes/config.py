@@ -24,6 +24,9 @@ INITS = ("data", "prior")  # where SVI starts (lcd_bayes.inference.initializatio
 # 6000 steps finite once the guide's log q and the horseshoe's shrunk scale were made stable in
 # float32 (before, it went non-finite at step 133, then 695); larger panels are untested.
 ROW_BLOCK_MAX_GENES = 100
+# The auto batch takes every cell with the Gaussian likelihood (whose cells cost one triangular
+# solve each) up to this many.
+GAUSSIAN_FULL_BATCH = 16384
 DRIFTS = ("linear", "nonlinear")
 NOISE_KINDS = ("gaussian", "rademacher")  # increments of the particle simulation
 
@@ -211,12 +214,17 @@ class ModelConfig:
 class FitConfig:
     """SVI settings: optimizer, schedule, minibatches, guide, convergence and checkpoints."""
 
-    steps: int = 6000
+    # 0 (auto, ``resolved``): with the Gaussian likelihood every cell is in each step (up to
+    # GAUSSIAN_FULL_BATCH) and 2000 steps suffice; with counts, minibatches of 1024 cells and 6000
+    # steps. Measured on 20-gene screens (3 seeds): Gaussian full-batch 2000 steps covered the true
+    # edges 46% / 91% (50% / 90% intervals) as 1024-cell minibatches for 6000 steps did (47% /
+    # 91%); NB counts needed the 6000 steps either way (full-batch 2000: 33% / 65%).
+    steps: int = 0  # maximum SVI steps
     learning_rate: float = 0.05
     warmup_steps: int = 100
     final_lr_fraction: float = 0.05
     clip_norm: float = 100.0
-    batch_size: int = 1024  # cells per minibatch; the whole data set when smaller
+    batch_size: int = 0  # cells per minibatch; the whole data set when smaller
     # auto | row_block | mean_field | low_rank (see inference.guides.global_variational_family)
     guide: str = "auto"
     guide_rank: int = 10  # for the low-rank guide
@@ -257,6 +265,14 @@ class FitConfig:
     refine_hessian_batch: int = 16
     seed: int = 0
 
+    def resolved(self, likelihood: str, n_cells: int) -> "FitConfig":
+        """``steps`` and ``batch_size`` made concrete for a screen of ``n_cells`` cells where they
+        are 0 (auto; see their comment)."""
+        full_batch = likelihood == "gaussian" and n_cells <= GAUSSIAN_FULL_BATCH
+        batch_size = self.batch_size or (max(n_cells, 1) if full_batch else 1024)
+        steps = self.steps or (2000 if likelihood == "gaussian" and batch_size >= n_cells else 6000)
+        return dataclasses.replace(self, steps=steps, batch_size=batch_size)
+
     def resolved_guide(self, n_genes: int) -> str:
         """The guide actually used for ``n_genes`` genes (``auto`` resolved)."""
         if self.guide != "auto":
@@ -266,7 +282,7 @@ class FitConfig:
     def __post_init__(self):
         if self.guide not in GUIDES:
             raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
-        if self.steps < 1 or self.steps_per_chunk < 1:
+        if self.steps < 0 or self.batch_size < 0 or self.steps_per_chunk < 1:
             raise ValueError("steps and steps_per_chunk must be positive")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")

@@ -5,6 +5,7 @@ What a run folder holds, and how it is written and read back (``load_run``), is
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from pathlib import Path
@@ -98,6 +99,8 @@ def fit(
     )
     if progress:
         print(summarize(data), flush=True)
+    run_config = run_config.replace(fit=dataclasses.asdict(run_config.fit.resolved(run_config.model.likelihood,
+                                                                                   data.n_cells)))
     structure = structure_of(data, run_config)
     cells = CellBatch(data.counts, data.size_factor, data.condition)
     # Resolved before fitting: a model too large for an explicit refinement is refused before any
