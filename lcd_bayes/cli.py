@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .config import use_compilation_cache
+
+    use_compilation_cache()
     from .inference.svi import FitError
     from .io.screen import DataError
 

@@ -371,3 +371,23 @@ def load_config(path: str | Path | None) -> RunConfig:
             f"config file {path} not found, nor a shipped config of that name (shipped: {', '.join(shipped_configs())})"
         )
     return RunConfig.from_dict(tomllib.loads(shipped.read_text(encoding="utf-8")))
+
+
+def use_compilation_cache() -> Path | None:
+    """Keep JAX's compiled programs on disk (``$LCD_BAYES_CACHE``, default
+    ``~/.cache/lcd-bayes/jax``; a few MB per model size, safe to delete), unless the user set a
+    cache of their own or ``LCD_BAYES_CACHE=off``. numpyro initializes a guide op by op,
+    and each op is compiled once per process: 16 of the 24 s of a short 15-gene fit; with the
+    cache a second process took 3.6 s. Returns the folder, or None when off."""
+    import os
+
+    import jax
+
+    folder = os.environ.get("LCD_BAYES_CACHE", str(Path.home() / ".cache" / "lcd-bayes" / "jax"))
+    if folder.lower() in ("off", "0", "") or jax.config.jax_compilation_cache_dir:
+        return None
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return Path(folder)
+

@@ -80,3 +80,18 @@ def test_unknown_config_key_is_reported(tmp_path, capsys):
     config.write_text("[fit]\nstepz = 3\n")
     assert main(["fit", str(data), "--out", str(tmp_path / "run"), "--config", str(config)]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_command_line_keeps_compiled_programs_in_its_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = ("import jax, jax.numpy as jnp; from lcd_bayes.config import use_compilation_cache; "
+              "print(use_compilation_cache()); jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()")
+    for setting, expected in ((str(tmp_path / "cache"), str(tmp_path / "cache")), ("off", "None")):
+        env = {**os.environ, "LCD_BAYES_CACHE": setting, "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == expected
+    assert any((tmp_path / "cache").iterdir())  # the compiled program is on disk
