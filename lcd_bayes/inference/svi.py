@@ -58,8 +58,8 @@ INIT_CELLS = 64  # cells traced by numpyro's initialization of the guide
 def program(structure: Structure, config: RunConfig, *, minibatch: bool = True, devices: int = 1):
     """The model with the screen's structure bound: ``program(...)(cells)``. With ``minibatch``
     (SVI) it subsamples ``[fit] batch_size`` cells, split evenly over ``devices``; without (the
-    refinements) it sees them all."""
-    fit = config.fit
+    refinements) it sees them all. An automatic (0) ``batch_size`` is resolved for the screen."""
+    fit = config.fit.resolved(config.model.likelihood, structure.n_cells)
     batch_size = -(-fit.batch_size // devices) if minibatch and fit.batch_size < structure.n_cells else None
     return functools.partial(lcd_model, structure=structure, config=config.model, batch_size=batch_size,
                              cell_particles=fit.cell_particles, encoder_hidden=fit.encoder_hidden)
