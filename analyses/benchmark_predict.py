@@ -30,7 +30,7 @@ def main(args):
     if folder.exists():
         shutil.rmtree(folder)
     adata = simulate(args.genes, cells_per_condition=50, likelihood="nb", seed=0)
-    fit(adata, folder, steps=args.fit_steps, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    fit(adata, folder, config=args.config, steps=args.fit_steps, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
     genes = list(adata.var_names)
     conditions = [f"{genes[2 * i]}+{genes[2 * i + 1]}" for i in range(8)] + genes[-2:]
     rows = []
@@ -58,6 +58,9 @@ if __name__ == "__main__":
     parser.add_argument("--genes", type=int, default=100)
     parser.add_argument("--cells", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--config", default=None,
+                        help="model configuration of the fit, a shipped name or a TOML file (default: lcd_linear); "
+                             "its [fit] num_posterior_samples is the number of draws predict uses")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--run", default="results/benchmark_predict_run")
     parser.add_argument("--out", default="results/benchmark_predict.json")

@@ -62,10 +62,11 @@ def _add_fit(sub):
     p.add_argument("--out", required=True, help="run folder (an unfinished fit there resumes)")
     p.add_argument("--config", default=None, metavar="NAME_OR_PATH",
                    help="model configuration: a shipped one by name (lcd_linear, the default; lcd_nonlinear) "
-                        "or a TOML file")
-    p.add_argument("--perturbation-key", default="condition", help="obs column with condition labels")
-    p.add_argument("--control", default="ctrl", help="label of control cells")
-    p.add_argument("--sep", default="+", help="separator of combination labels")
+                        "or a TOML file; a run's config.toml repeats that run (options given here override it)")
+    p.add_argument("--perturbation-key", default=None,
+                   help="obs column with condition labels (default: the config's [data], 'condition')")
+    p.add_argument("--control", default=None, help="label of control cells (default: the config's, 'ctrl')")
+    p.add_argument("--sep", default=None, help="separator of combination labels (default: the config's, '+')")
     p.add_argument("--targets", default=None, help="JSON mapping label -> list of target genes")
     p.add_argument("--likelihood", choices=("nb", "zip", "poisson", "gaussian"), default=None,
                    help="observation model (default: the config's, nb)")
@@ -89,7 +90,7 @@ def _add_fit(sub):
 
 
 def _fit(args):
-    from .run import fit
+    from .api import fit
 
     run = fit(
         args.data, args.out, config=args.config, perturbation_key=args.perturbation_key, control=args.control,
@@ -104,11 +105,11 @@ def _fit(args):
 def _print_fit(run):
     from .analysis.summary import format_top_edges, interaction_table
 
-    result = run.fit
-    status = "converged" if result.converged else "stopped at the step limit (not converged)"
-    print(f"SVI {status} after {result.losses.size} steps in {result.seconds:.0f} s; "
-          f"final ELBO {-result.losses[-100:].mean():.6g}")
     attrs = run.posterior["posterior"].attrs
+    losses = run.posterior["svi"]["loss"].values
+    status = "converged" if attrs.get("converged") else "stopped at the step limit (not converged)"
+    print(f"SVI {status} after {losses.size} steps in {attrs['fit_seconds']:.0f} s; "
+          f"final ELBO {-losses[-100:].mean():.6g}")
     if "nuts_seconds" in attrs:
         print(f"NUTS refinement: {attrs['nuts_seconds']:.0f} s, {attrs['nuts_divergences']} divergent draws, "
               f"{attrs['nuts_mean_tree_size']:.0f} leapfrog steps per draw")
@@ -203,10 +204,10 @@ def _add_predict(sub):
 
 
 def _predict(args):
-    from .analysis.predict import predict
+    from .api import load
 
     start = time.perf_counter()
-    adata = predict(args.run, args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed)
+    adata = load(args.run).predict(args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed)
     out = Path(args.out) if args.out else Path(args.run) / "predictions.h5ad"
     _write_prediction(adata, out, start)
 
@@ -316,8 +317,8 @@ def _demo(args):
 
     from .analysis.clipr import clipr_run
     from .analysis.recovery import interval_coverage, recovery_against_truth
+    from .api import fit
     from .pl import report_run
-    from .run import fit
     from .sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
     start = time.perf_counter()

@@ -6,6 +6,7 @@ Every user-facing choice lives here so that a run folder's ``config.toml`` repro
 from __future__ import annotations
 
 import dataclasses
+import operator
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -247,6 +248,9 @@ class FitConfig:
     min_steps: int = 1000
     checkpoint_every: int = 500
     num_posterior_samples: int = 500
+    # Each cell's log-likelihood under each posterior draw, the DataTree's log_likelihood group
+    # (arviz.loo reads it); one full pass over the cells per draw after the fit.
+    log_likelihood: bool = True
     # After SVI (lcd_bayes.inference.refine), in the coordinates the guide whitens: "laplace"
     # replaces the guide's draws by the Gaussian with the posterior's curvature near the guide's
     # mean (one Hessian-vector product per latent dimension); "nuts" by a NUTS chain (minutes per 20
@@ -301,12 +305,77 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """How the screen was read from AnnData (``lcd_bayes.io.screen.load_perturbation_data``), so
+    that a run's ``config.toml`` repeats the fit from the same file; ``fit``'s arguments override it.
+
+    ``None`` (absent from the TOML, which has no null) means "not given": the reader's default.
+    ``genes`` is stored as a tuple and ``targets`` as ``((label, (gene, ...)), ...)`` so that the
+    configuration stays hashable; ``target_map()`` gives the ``{label: [gene, ...]}`` dict.
+    """
+
+    perturbation_key: str = "condition"
+    control: str = "ctrl"
+    sep: str = "+"
+    layer: str | None = None
+    size_factor_key: str | None = None
+    total_counts_key: str | None = None
+    n_top_genes: int | None = None
+    genes: tuple[str, ...] | None = None
+    targets: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+
+    def __post_init__(self):
+        for name in ("perturbation_key", "control", "sep"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"[data] {name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("layer", "size_factor_key", "total_counts_key"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"[data] {name} must be an obs/layer name (a string), got {getattr(self, name)!r}")
+        if self.n_top_genes is not None:
+            try:  # numpy integers too, but neither floats nor bools
+                count = operator.index(self.n_top_genes) if not isinstance(self.n_top_genes, bool) else 0
+            except TypeError:
+                count = 0
+            if count < 1:
+                raise ValueError(f"[data] n_top_genes must be a positive integer, got {self.n_top_genes!r}")
+            object.__setattr__(self, "n_top_genes", count)
+        if self.genes is not None:
+            if isinstance(self.genes, str) or not all(isinstance(g, str) for g in self.genes):
+                raise ValueError(f'[data] genes must be a list of gene names, e.g. ["GATA1", "KLF1"], got {self.genes!r}')
+            object.__setattr__(self, "genes", tuple(self.genes))
+        if self.targets is not None:
+            pairs = self.targets.items() if isinstance(self.targets, dict) else self.targets
+            try:
+                normalized = tuple((str(label), (genes,) if isinstance(genes, str) else tuple(genes))
+                                   for label, genes in pairs)
+            except (TypeError, ValueError):
+                raise ValueError('[data] targets must map perturbation labels to lists of target genes, e.g. '
+                                 f'{{"sgMYC_1" = ["MYC"]}}, got {self.targets!r}') from None
+            if not all(isinstance(g, str) for _, genes in normalized for g in genes):
+                raise ValueError(f"[data] targets must name genes by strings, got {self.targets!r}")
+            object.__setattr__(self, "targets", normalized)
+
+    def target_map(self) -> dict[str, list[str]] | None:
+        """``targets`` as ``{label: [gene, ...]}``, or None when not given."""
+        return None if self.targets is None else {label: list(genes) for label, genes in self.targets}
+
+    def to_dict(self) -> dict:
+        """The settings given (None left out), lists and dicts as a TOML or JSON file holds them."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["genes"] = None if self.genes is None else list(self.genes)
+        values["targets"] = self.target_map()
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def replace(self, **sections) -> "RunConfig":
-        """Override fields: ``cfg.replace(model={"likelihood": "gaussian"}, fit={"steps": 10})``."""
+        """Override fields: ``cfg.replace(model={"likelihood": "gaussian"}, fit={"steps": 10})``;
+        ``None`` values leave a field as it is."""
         new = self
         for name, values in sections.items():
             values = {k: v for k, v in (values or {}).items() if v is not None}
@@ -315,34 +384,57 @@ class RunConfig:
         return new
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"model": dataclasses.asdict(self.model), "fit": dataclasses.asdict(self.fit),
+                "data": self.data.to_dict()}
 
     def to_toml(self) -> str:
         lines = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items()]
             lines.append("")
         return "\n".join(lines)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
-        unknown = set(raw) - {"model", "fit"}
+        sections = {"model": ModelConfig, "fit": FitConfig, "data": DataConfig}
+        unknown = set(raw) - set(sections)
         if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}; expected [model] and [fit]")
-        for section, klass in (("model", ModelConfig), ("fit", FitConfig)):
+            raise ValueError(f"unknown config sections {sorted(unknown)}; expected [model], [fit] and [data]")
+        for section, klass in sections.items():
             names = {f.name for f in dataclasses.fields(klass)}
             bad = set(raw.get(section, {})) - names
             if bad:
                 raise ValueError(f"unknown keys in [{section}]: {sorted(bad)}; known: {sorted(names)}")
-        return cls(ModelConfig(**raw.get("model", {})), FitConfig(**raw.get("fit", {})))
+        return cls(**{section: klass(**raw.get(section, {})) for section, klass in sections.items()})
+
+
+# TOML basic strings (toml.io, v1.0.0): a backslash, a double quote and the control characters
+# other than tab must be escaped; everything else is written as it is (the file is UTF-8).
+_TOML_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\b"): "\\b", ord("\t"): "\\t", ord("\n"): "\\n",
+                 ord("\f"): "\\f", ord("\r"): "\\r",
+                 **{code: f"\\u{code:04X}" for code in (*range(0x20), 0x7F) if chr(code) not in "\b\t\n\f\r"}}
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.translate(_TOML_ESCAPES) + '"'
+
+
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one (letters, digits, ``_`` and ``-``), else a quoted one."""
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    return key if bare else _toml_string(key)
 
 
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f'"{value}"'
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 

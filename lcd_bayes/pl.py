@@ -1,36 +1,58 @@
-"""Figures of a run folder: ELBO trace, edge-probability heatmap, forest plot, causal network.
+"""Figures of a run: ELBO trace, edge-probability heatmap, forest plot, causal network.
 
-Every figure is drawn on its own ``matplotlib.figure.Figure`` (no pyplot state, so any backend,
-Agg included, works) except the forest plot, which ``arviz_plots`` draws and which is closed
-after saving.
+Each figure draws into a matplotlib ``Axes`` and returns it: ``elbo(run, ax=ax)``,
+``edge_heatmap(run, ax=ax)``, ``forest(run, ax=ax)`` and ``network(run, ax=ax)`` take a run
+(``lcd_bayes.Run``, or anything with its ``losses`` and ``clipr``) or a run folder, and draw
+into a new pyplot figure when ``ax`` is None. The ``plot_*`` functions underneath take the arrays
+themselves. ``report_run`` writes all four figures of a folder as PNGs, each on its own
+``matplotlib.figure.Figure`` (no pyplot state, so any backend, Agg included, works).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import arviz as az
 import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import xarray as xr
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
-from .analysis.clipr import load_clipr, summary_to_table
+from .analysis.clipr import edge_summary, load_clipr, summary_to_table
 
 MAX_TICK_LABELS = 60  # beyond this many genes, tick labels overlap into a black bar
 POSITIVE, NEGATIVE = "tab:red", "tab:blue"
+FIGSIZE = {"elbo": (7, 4), "network": (7, 7)}
 
 
-def plot_elbo(elbo: np.ndarray) -> Figure:
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
+    """``ax``, or the axes of a new pyplot figure (shown inline in a notebook)."""
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize, layout="constrained")[1]
+
+
+def _heatmap_size(n_genes: int) -> tuple[float, float]:
+    size = min(12.0, 4.0 + 0.25 * n_genes)
+    return size + 1.5, size
+
+
+def _forest_size(n_rows: int) -> tuple[float, float]:
+    return 8.0, 1.0 + 0.35 * n_rows
+
+
+def plot_elbo(elbo: np.ndarray, *, ax: Axes | None = None) -> Axes:
     """ELBO trace, shape (steps,): ``-ELBO`` on a log scale when it stays positive, else the ELBO
     on a linear scale clipped to its settled range; a running mean smooths minibatch noise."""
     elbo = np.asarray(elbo, float)
     steps = np.arange(elbo.size)
     window = max(1, elbo.size // 50)
     smooth = pd.Series(elbo).rolling(window, min_periods=1).mean().to_numpy()
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
+    ax = _axes(ax, FIGSIZE["elbo"])
     sign = -1.0 if np.all(-elbo > 0) else 1.0
     ax.plot(steps, sign * elbo, color="0.6" if window > 1 else "k", lw=0.6, label="per step")
     if window > 1:
@@ -48,10 +70,10 @@ def plot_elbo(elbo: np.ndarray) -> Figure:
     ax.set_xlabel("SVI step")
     ax.set_title("SVI convergence")
     ax.legend(frameon=False)
-    return fig
+    return ax
 
 
-def plot_edge_heatmap(summary: xr.Dataset) -> Figure:
+def plot_edge_heatmap(summary: xr.Dataset, *, ax: Axes | None = None) -> Axes:
     """Edge probability signed by the posterior mean effect, source (rows) x target (columns).
 
     ``summary`` is CLIPR's (source, target) edge summary (``edge_summary``).
@@ -60,9 +82,7 @@ def plot_edge_heatmap(summary: xr.Dataset) -> Figure:
     signed = (summary["prob_edge"] * np.sign(summary["mean"])).values
     sources = summary["source"].values.astype(str)
     targets = summary["target"].values.astype(str)
-    size = min(12.0, 4.0 + 0.25 * len(targets))
-    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
-    ax = fig.add_subplot()
+    ax = _axes(ax, _heatmap_size(len(targets)))
     # The diagonal (self-decay, no edge) is NaN: grey, apart from a white "no edge" (0).
     colormap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.8")
     image = ax.imshow(signed, cmap=colormap, vmin=-1, vmax=1, interpolation="nearest")
@@ -73,13 +93,14 @@ def plot_edge_heatmap(summary: xr.Dataset) -> Figure:
     ax.set_ylabel("source gene")
     tau = summary.attrs.get("tau", float("nan"))
     ax.set_title(f"CLIPR: P(|E| > {tau:.3g}) x sign of the mean\n(red: activation, blue: repression)")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="signed edge probability")
-    return fig
+    ax.figure.colorbar(image, ax=ax, shrink=0.8, label="signed edge probability")
+    return ax
 
 
-def plot_forest(effects: xr.Dataset, table: pd.DataFrame, *, top: int = 20, hdi_prob: float = 0.9):
-    """ArviZ forest plot of the ``top`` first edges of ``table``: posterior mean, 50% and
-    ``hdi_prob`` HDIs of each effect.
+def plot_forest(effects: xr.Dataset, table: pd.DataFrame, *, top: int = 20, hdi_prob: float = 0.9,
+                ax: Axes | None = None) -> Axes:
+    """Forest plot of the ``top`` first edges of ``table``: posterior mean (dot), 50% HDI (thick)
+    and ``hdi_prob`` HDI (thin) of each effect, the first edge on top.
 
     Parameters
     ----------
@@ -87,34 +108,29 @@ def plot_forest(effects: xr.Dataset, table: pd.DataFrame, *, top: int = 20, hdi_
         CLIPR draws, ``effect`` with dims (chain, draw, source, target).
     table : pandas.DataFrame
         Edge table (``edge_table``), most probable edges first.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
     """
-    import arviz_plots as azp
-
     rows = table.head(top)
-    effect = effects["effect"]
+    ax = _axes(ax, _forest_size(len(rows)))
     # Vectorized selection of (source, target) pairs onto one "edge" dim, one forest row each.
     pairs = {"source": xr.DataArray(rows["source"].to_numpy(), dims="edge"),
              "target": xr.DataArray(rows["target"].to_numpy(), dims="edge")}
-    labels = [f"{s} → {t}" for s, t in zip(rows["source"], rows["target"])]
-    draws = effect.sel(pairs).drop_vars(["source", "target"]).assign_coords(edge=labels)
-    tree = xr.DataTree.from_dict({"posterior": xr.Dataset({"effect": draws})})
-    collection = azp.plot_forest(
-        tree, combined=True, point_estimate="mean", ci_kind="hdi", ci_probs=(0.5, hdi_prob),
-        labels=["edge"], figure_kwargs={"figsize": (8, 1.0 + 0.35 * len(labels))},
-    )
-    figure = collection.viz["figure"].item()
-    forest = collection.viz["plot"].sel(column="forest").item()
-    forest.axvline(0.0, color="0.6", lw=0.8, ls="--", zorder=0)
-    forest.set_xlabel("effect of source on target (CLIPR)")
-    figure.suptitle(f"Strongest edges: posterior mean, 50% and {hdi_prob:.0%} HDI")
-    return figure
+    draws = effects["effect"].sel(pairs).transpose("chain", "draw", "edge")
+    position = np.arange(len(rows))[::-1]  # (edges,): the most probable edge on top
+    for prob, width in ((hdi_prob, 1.2), (0.5, 3.5)):
+        interval = az.hdi(draws, prob=prob)
+        ax.hlines(position, interval.sel(ci_bound="lower").values, interval.sel(ci_bound="upper").values,
+                  color="k", lw=width)
+    ax.plot(draws.mean(("chain", "draw")).values, position, "o", color="white", mec="k", ms=5, zorder=3)
+    ax.axvline(0.0, color="0.6", lw=0.8, ls="--", zorder=0)
+    ax.set_yticks(position, [f"{s} → {t}" for s, t in zip(rows["source"], rows["target"])])
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("effect of source on target (CLIPR)")
+    ax.set_title(f"Strongest edges: posterior mean, 50% and {hdi_prob:.0%} HDI")
+    return ax
 
 
-def plot_network(table: pd.DataFrame, genes: list[str], *, prob_threshold: float = 0.9) -> Figure:
+def plot_network(table: pd.DataFrame, genes: list[str], *, prob_threshold: float = 0.9,
+                 ax: Axes | None = None) -> Axes:
     """Causal network of the edges with ``prob_edge >= prob_threshold``: genes on a circle,
     arrows source -> target, red for activation and blue for repression, width by ``|mean|``."""
     edges = table[table["prob_edge"] >= prob_threshold]
@@ -125,8 +141,7 @@ def plot_network(table: pd.DataFrame, genes: list[str], *, prob_threshold: float
     angle = 2 * np.pi * np.arange(len(shown)) / max(len(shown), 1)
     position = {g: (np.cos(a), np.sin(a)) for g, a in zip(shown, angle)}
 
-    fig = Figure(figsize=(7, 7), layout="constrained")
-    ax = fig.add_subplot()
+    ax = _axes(ax, FIGSIZE["network"])
     ax.set_aspect("equal")
     ax.set_axis_off()
     ax.set_xlim(-1.35, 1.35)
@@ -149,7 +164,53 @@ def plot_network(table: pd.DataFrame, genes: list[str], *, prob_threshold: float
     if not len(edges):
         ax.text(0, 0, "no edge above the threshold", ha="center", va="center", color="0.4")
     ax.set_title(title + "\nred: activation, blue: repression, width: |mean effect|")
-    return fig
+    return ax
+
+
+def _clipr_of(run) -> xr.DataTree:
+    """The CLIPR tree (``posterior``: effect draws, ``edges``: summary) of a run or run folder."""
+    return load_clipr(run) if isinstance(run, (str, Path)) else run.clipr
+
+
+def _summary(clipr: xr.DataTree, tau: float | None, hdi_prob: float | None) -> xr.Dataset:
+    """The stored edge summary, or one at another ``tau`` / ``hdi_prob``."""
+    summary = clipr["edges"].to_dataset()
+    if tau is None and hdi_prob is None:
+        return summary
+    return edge_summary(clipr["posterior"].to_dataset(), tau=tau, hdi_prob=summary.attrs.get("hdi_prob", 0.9)
+                        if hdi_prob is None else hdi_prob)
+
+
+def elbo(run, *, ax: Axes | None = None) -> Axes:
+    """The ELBO trace (``plot_elbo``) of a run (its ``losses``, the negative ELBO per step) or a
+    run folder (``elbo.csv``)."""
+    if isinstance(run, (str, Path)):
+        values = pd.read_csv(Path(run) / "elbo.csv")["elbo"].to_numpy()
+    else:
+        values = -np.asarray(run.losses)
+    return plot_elbo(values, ax=ax)
+
+
+def edge_heatmap(run, *, tau: float | None = None, hdi_prob: float | None = None, ax: Axes | None = None) -> Axes:
+    """Signed edge probabilities of a run or run folder, source x target (``plot_edge_heatmap``);
+    ``tau`` defaults to CLIPR's (``lcd_bayes.analysis.clipr.default_tau``)."""
+    return plot_edge_heatmap(_summary(_clipr_of(run), tau, hdi_prob), ax=ax)
+
+
+def forest(run, *, top: int = 20, hdi_prob: float | None = None, ax: Axes | None = None) -> Axes:
+    """The ``top`` most probable edges of a run or run folder with their intervals (``plot_forest``)."""
+    clipr = _clipr_of(run)
+    summary = _summary(clipr, None, hdi_prob)
+    return plot_forest(clipr["posterior"].to_dataset(), summary_to_table(summary), top=top,
+                       hdi_prob=summary.attrs.get("hdi_prob", 0.9), ax=ax)
+
+
+def network(run, *, prob_threshold: float = 0.9, tau: float | None = None, ax: Axes | None = None) -> Axes:
+    """The causal network of a run or run folder: edges with ``prob_edge >= prob_threshold``
+    (``plot_network``)."""
+    summary = _summary(_clipr_of(run), tau, None)
+    return plot_network(summary_to_table(summary), [str(g) for g in summary["source"].values],
+                        prob_threshold=prob_threshold, ax=ax)
 
 
 def report_run(folder: str | Path, *, prob_threshold: float = 0.9, top: int = 20) -> list[Path]:
@@ -169,19 +230,20 @@ def report_run(folder: str | Path, *, prob_threshold: float = 0.9, top: int = 20
     effects = result["posterior"].to_dataset()
     summary = result["edges"].to_dataset()
     table = summary_to_table(summary)
-    written = []
-
-    def save(figure, name: str) -> None:
-        path = folder / name
-        figure.savefig(path, dpi=120)
-        written.append(path)
-
-    if (folder / "elbo.csv").exists():
-        save(plot_elbo(pd.read_csv(folder / "elbo.csv")["elbo"].to_numpy()), "elbo.png")
-    save(plot_edge_heatmap(summary), "edge_heatmap.png")
-    forest = plot_forest(effects, table, top=top, hdi_prob=summary.attrs.get("hdi_prob", 0.9))
-    save(forest, "forest.png")
-    plt.close(forest)
     genes = [str(g) for g in summary["source"].values]
-    save(plot_network(table, genes, prob_threshold=prob_threshold), "network.png")
+    figures = {
+        "edge_heatmap.png": (_heatmap_size(len(genes)), lambda ax: plot_edge_heatmap(summary, ax=ax)),
+        "forest.png": (_forest_size(min(top, len(table))), lambda ax: plot_forest(
+            effects, table, top=top, hdi_prob=summary.attrs.get("hdi_prob", 0.9), ax=ax)),
+        "network.png": (FIGSIZE["network"], lambda ax: plot_network(table, genes, prob_threshold=prob_threshold,
+                                                                     ax=ax)),
+    }
+    if (folder / "elbo.csv").exists():
+        figures = {"elbo.png": (FIGSIZE["elbo"], lambda ax: elbo(folder, ax=ax)), **figures}
+    written = []
+    for name, (size, draw) in figures.items():
+        figure = Figure(figsize=size, layout="constrained")
+        draw(figure.add_subplot())
+        figure.savefig(folder / name, dpi=120)
+        written.append(folder / name)
     return written

@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import anndata
+import jax
 import numpy as np
 import xarray as xr
 
 from .config import RunConfig, load_config
+from .diagnostics import LcdBayesWarning
 from .dynamics.nonlinear import check_fitted_stationarity
-from .inference.posterior import Coords, derive_globals, draw_globals, to_datatree
+from .inference.posterior import Coords, derive_globals, pointwise_log_likelihood, to_datatree
 from .inference.refine import refine_with_laplace, refine_with_nuts, resolve_refinement
 from .inference.svi import FitResult, fit_svi, program
-from .io.run_folder import read_h5ad, start_run_folder, write_run
+from .io.run_folder import data_record, read_h5ad, start_run_folder, write_run
 from .io.screen import PerturbationData, load_perturbation_data, read_targets, summarize
 from .model.program import CellBatch, Structure, link
 
@@ -46,8 +48,10 @@ def structure_of(data: PerturbationData, config: RunConfig) -> Structure:
 
 
 def _fingerprint(data: PerturbationData, config: RunConfig) -> str:
+    """What a checkpoint must match to be resumed: the settings and every array the fit sees (the
+    size factors too: other library sizes are other data)."""
     digest = hashlib.sha256(config.to_toml().encode())
-    for array in (data.counts, data.condition, data.design, data.targets):
+    for array in (data.counts, data.size_factor, data.condition, data.design, data.targets):
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -57,9 +61,9 @@ def fit(
     out: str | Path | None = None,
     *,
     config: RunConfig | str | Path | None = None,
-    perturbation_key: str = "condition",
-    control: str = "ctrl",
-    sep: str = "+",
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    sep: str | None = None,
     targets: dict | str | Path | None = None,
     likelihood: str | None = None,
     layer: str | None = None,
@@ -76,8 +80,13 @@ def fit(
 
     ``adata`` is an AnnData or a path to ``.h5ad``. With ``out`` the run folder is written
     (and an interrupted fit into the same folder resumes from its checkpoint). ``config`` is a
-    ``RunConfig``, a TOML file or a shipped configuration's name (``lcd_linear``, the default, or
-    ``lcd_nonlinear``). Arguments left as ``None`` take the configuration's values.
+    ``RunConfig``, a TOML file (a run's ``config.toml`` repeats that run) or a shipped
+    configuration's name (``lcd_linear``, the default, or ``lcd_nonlinear``). Arguments left as
+    ``None`` take the configuration's values: ``perturbation_key``, ``control``, ``sep``,
+    ``targets``, ``layer``, ``genes``, ``n_top_genes``, ``total_counts_key`` and
+    ``size_factor_key`` its ``[data]`` section (defaults ``"condition"``, ``"ctrl"``, ``"+"``,
+    the rest unset; see ``lcd_bayes.io.screen.load_perturbation_data``), the others ``[model]``
+    and ``[fit]``. The settings used are recorded in the returned (and written) configuration.
     ``refine="laplace"`` replaces the guide's draws by the Laplace approximation near the guide's
     mean, ``refine="nuts"`` by a NUTS chain on the same program, both in the coordinates the fitted
     guide whitens (``lcd_bayes.inference.refine``): slower, but their intervals are calibrated where
@@ -86,16 +95,23 @@ def fit(
     draws.
     """
     run_config = config if isinstance(config, RunConfig) else load_config(config)
-    run_config = run_config.replace(model={"likelihood": likelihood},
-                                    fit={"steps": steps, "seed": seed, "refine": refine})
+    if isinstance(targets, (str, Path)):
+        targets = read_targets(targets)  # recorded by content, so that config.toml needs no other file
+    run_config = run_config.replace(
+        model={"likelihood": likelihood}, fit={"steps": steps, "seed": seed, "refine": refine},
+        data={"perturbation_key": perturbation_key, "control": control, "sep": sep, "layer": layer,
+              "targets": targets, "genes": genes, "n_top_genes": n_top_genes,
+              "total_counts_key": total_counts_key, "size_factor_key": size_factor_key},
+    )
     if isinstance(adata, (str, Path)):
         adata = read_h5ad(adata)
-    if isinstance(targets, (str, Path)):
-        targets = read_targets(targets)
+    reading = run_config.data
     data = load_perturbation_data(
-        adata, perturbation_key=perturbation_key, control=control, sep=sep, layer=layer, targets=targets,
-        genes=genes, n_top_genes=n_top_genes, continuous=run_config.model.likelihood == "gaussian",
-        total_counts_key=total_counts_key, size_factor_key=size_factor_key,
+        adata, perturbation_key=reading.perturbation_key, control=reading.control, sep=reading.sep,
+        layer=reading.layer, targets=reading.target_map(),
+        genes=None if reading.genes is None else list(reading.genes), n_top_genes=reading.n_top_genes,
+        continuous=run_config.model.likelihood == "gaussian",
+        total_counts_key=reading.total_counts_key, size_factor_key=reading.size_factor_key,
     )
     if progress:
         print(summarize(data), flush=True)
@@ -108,21 +124,23 @@ def fit(
     refinement, fallback = resolve_refinement(run_config.fit.refine, program(structure, run_config), cells)
     run_config = run_config.replace(fit={"refine": refinement})
     if fallback is not None:
-        warnings.warn(fallback, stacklevel=2)
+        warnings.warn(fallback, LcdBayesWarning, stacklevel=2)
     folder = Path(out) if out is not None else None
     if folder is not None:
-        start_run_folder(folder, run_config, data)
+        start_run_folder(folder, run_config, data_record(data))
 
     result, inference = fit_svi(
         cells, structure, run_config,
         checkpoint_path=folder / "checkpoint.pkl" if folder else None,
         fingerprint=_fingerprint(data, run_config), progress=progress,
     )
-    draws, attrs = None, {} if fallback is None else {"refinement_skipped": fallback}
+    latent, attrs = None, {} if fallback is None else {"refinement_skipped": fallback}
+    sample_stats = None
     if run_config.fit.refine == "nuts":
-        draws, attrs = _refined_draws(inference, result, structure, cells, run_config, progress)
+        latent, attrs, sample_stats = _refined_draws(inference, result, structure, cells, run_config, progress)
     elif run_config.fit.refine == "laplace":
-        draws, attrs = _laplace_draws(inference, result, structure, cells, run_config, progress)
+        latent, attrs = _laplace_draws(inference, result, structure, cells, run_config, progress)
+    draws = None if latent is None else derive_globals(latent, structure, run_config.model)
     # Laplace draws are calibrated for the effects but not for the sites predictions also need
     # (noise scales, concentrations): held-out doubles were predicted about twice as far off from
     # them as from the guide's (docs/evaluation.md, "Which draws"). So the guide's draws are kept
@@ -130,29 +148,50 @@ def fit(
     # serve every use.
     guide_draws = None
     if draws is None or run_config.fit.refine == "laplace":
-        guide_draws = draw_globals(
-            inference.guide, result.params, structure, run_config.model,
-            num_samples=run_config.fit.num_posterior_samples, seed_value=run_config.fit.seed + 1,
-        )
+        guide_latent = inference.guide.sample_posterior(
+            jax.random.PRNGKey(run_config.fit.seed + 1), result.params,
+            sample_shape=(run_config.fit.num_posterior_samples,))
+        guide_draws = derive_globals(guide_latent, structure, run_config.model)
     if draws is None:  # the guide's posterior (also when the refinement failed)
-        draws, guide_draws = guide_draws, None
+        draws, guide_draws, latent = guide_draws, None, guide_latent
+    # The cells' log-likelihood is of the draws predictions use: the guide's beside Laplace draws,
+    # whose tails in the noise sites put single draws tens of thousands of nats below the rest.
+    predictive_latent = guide_latent if guide_draws is not None else latent
     _warn_unstable(draws["log_spectral_radius"], run_config)
     if run_config.model.drift == "nonlinear":
         report = check_fitted_stationarity(draws, data.design, run_config.model, seed=run_config.fit.seed)
         attrs["stationarity"] = report.message
         if not report:
-            warnings.warn(f"the simulated stationary law of a posterior draw is {report.message}", stacklevel=2)
+            warnings.warn(f"the simulated stationary law of a posterior draw is {report.message}", LcdBayesWarning,
+                          stacklevel=2)
+    cell_log_likelihood = None
+    if run_config.fit.log_likelihood:
+        size = data.n_cells * data.n_genes * run_config.fit.cell_particles
+        if size <= LOG_LIKELIHOOD_MAX_SIZE:
+            cell_log_likelihood = pointwise_log_likelihood(program(structure, run_config, minibatch=False),
+                                                           result.params, predictive_latent, cells)
+        else:
+            attrs["log_likelihood"] = (f"not computed: cells x genes x cell_particles = {size:.3g} floats per draw, "
+                                       f"more than {LOG_LIKELIHOOD_MAX_SIZE:.0e}")
     tree = to_datatree(
         draws, Coords(data.genes, data.conditions, data.perturbations), losses=result.losses,
         attrs={"config": run_config.to_toml(), "converged": int(result.converged),
-               "fit_seconds": result.seconds, "n_cells": data.n_cells, **attrs},
+               "fit_seconds": result.seconds, "compile_seconds": result.compile_seconds, "n_cells": data.n_cells,
+               **attrs},
         constant_data={"design": (("condition", "perturbation"), data.design),
                        "targets": (("perturbation", "gene"), data.targets)},
-        guide_draws=guide_draws,
+        guide_draws=guide_draws, cell_log_likelihood=cell_log_likelihood,
     )
+    if sample_stats is not None:
+        tree["sample_stats"] = xr.DataTree(sample_stats)
     if folder is not None:
-        write_run(folder, tree, result)
+        write_run(folder, tree)
     return FittedRun(tree, data, run_config, result, folder)
+
+
+# The pointwise log-likelihood evaluates one draw on every cell at once: above this many floats
+# (cells x genes x cell_particles, ~400 MB) it is not computed.
+LOG_LIKELIHOOD_MAX_SIZE = 10**8
 
 
 # Above this fraction of divergent draws the refining chain is discarded (the calibrated 20-gene
@@ -161,9 +200,10 @@ REFINE_MAX_DIVERGENT = 0.2
 
 
 def _refined_draws(inference, result: FitResult, structure: Structure, cells: CellBatch, config: RunConfig,
-                   progress: bool) -> tuple[dict | None, dict]:
-    """Posterior draws from NUTS on the full-data program, whitened by the fitted guide, and the
-    chain's diagnostics for the DataTree's attributes; no draws if the chain failed."""
+                   progress: bool) -> tuple[dict | None, dict, xr.Dataset | None]:
+    """Posterior draws (of the latent sites) from NUTS on the full-data program, whitened by the
+    fitted guide, the chain's diagnostics for the DataTree's attributes and its per-draw ``sample_stats``
+    (``sample_stats_of``); no draws (nor statistics) if the chain failed."""
     fit = config.fit
     if progress:
         print(f"refining the posterior with NUTS ({fit.refine_warmup} warmup + {fit.num_posterior_samples} draws)",
@@ -183,22 +223,41 @@ def _refined_draws(inference, result: FitResult, structure: Structure, cells: Ce
             f"the NUTS refinement failed: {refinement.divergences} of {fit.num_posterior_samples} draws diverged, "
             "so the chain left the posterior region the fit found (typically toward drifts at the stability "
             "limit, as in screens with few perturbed genes). The posterior keeps the guide's draws, whose "
-            "intervals are too narrow (docs/inference.md).", stacklevel=3)
+            "intervals are too narrow (docs/inference.md).", LcdBayesWarning, stacklevel=3)
         return None, {"nuts_refinement": f"failed: {refinement.divergences} of {fit.num_posterior_samples} "
-                                          "draws diverged; the guide's draws are kept"}
+                                          "draws diverged; the guide's draws are kept"}, None
     if divergent > 0.05:
         warnings.warn(
             f"{refinement.divergences} of {fit.num_posterior_samples} NUTS draws diverged: the chain may "
             "miss part of the posterior; compare with a longer chain ([fit] refine_warmup) before trusting "
-            "the tails", stacklevel=3)
+            "the tails", LcdBayesWarning, stacklevel=3)
     attrs = {"inference": "SVI + NUTS (guide-preconditioned)", "nuts_divergences": refinement.divergences,
              "nuts_mean_tree_size": refinement.mean_tree_size, "nuts_seconds": refinement.seconds}
-    return derive_globals(refinement.latent, structure, config.model), attrs
+    return refinement.latent, attrs, sample_stats_of(refinement, fit.refine_max_tree_depth)
+
+
+def sample_stats_of(refinement, max_tree_depth: int) -> xr.Dataset | None:
+    """ArviZ's ``sample_stats`` group of a NUTS refinement, dims (chain, draw) with one chain:
+    ``diverging`` (bool), ``tree_size`` (leapfrog steps of the draw's trajectory) and
+    ``reached_max_treedepth`` (the trajectory stopped at ``2**max_tree_depth - 1`` steps), which
+    ``arviz.diagnose`` reads. None when the refinement carries no per-draw ``diverging`` and
+    ``num_steps`` arrays, each of shape (draws,)."""
+    diverging, num_steps = getattr(refinement, "diverging", None), getattr(refinement, "num_steps", None)
+    if diverging is None or num_steps is None:
+        return None
+    diverging, num_steps = np.asarray(diverging, bool)[None], np.asarray(num_steps, np.int64)[None]
+    return xr.Dataset(
+        {"diverging": (("chain", "draw"), diverging), "tree_size": (("chain", "draw"), num_steps),
+         "reached_max_treedepth": (("chain", "draw"), num_steps >= 2**max_tree_depth - 1)},
+        coords={"chain": [0], "draw": np.arange(diverging.shape[1])},
+        attrs={"inference_library": "numpyro", "max_tree_depth": int(max_tree_depth)},
+    )
 
 
 def _laplace_draws(inference, result: FitResult, structure: Structure, cells: CellBatch, config: RunConfig,
                    progress: bool) -> tuple[dict | None, dict]:
-    """Posterior draws from the Laplace approximation at the guide's mean (whitened by the guide),
+    """Posterior draws (of the latent sites) from the Laplace approximation at the guide's mean
+    (whitened by the guide),
     and its diagnostics for the DataTree's attributes; no draws if its Hessian was not finite."""
     fit = config.fit
     if progress:
@@ -211,14 +270,14 @@ def _laplace_draws(inference, result: FitResult, structure: Structure, cells: Ce
         )
     except FloatingPointError as error:  # keep the fit: the guide's draws, and say why
         warnings.warn(f"the Laplace refinement failed ({error}); the posterior keeps the guide's draws, whose "
-                      "intervals are too narrow (docs/inference.md)", stacklevel=3)
+                      "intervals are too narrow (docs/inference.md)", LcdBayesWarning, stacklevel=3)
         return None, {"laplace_refinement": f"failed: {error}; the guide's draws are kept"}
     attrs = {"inference": "SVI + Laplace (at the guide's mean, guide-whitened)",
              "laplace_seconds": laplace.seconds, "laplace_gradient_norm": laplace.gradient_norm,
              "laplace_negative_curvature": laplace.n_negative, "laplace_capped": laplace.n_floored,
              "laplace_median_widening": float(np.median(laplace.widening)),
              "laplace_newton_step": laplace.step_length, "laplace_potential_drop": laplace.potential_drop}
-    return derive_globals(laplace.latent, structure, config.model), attrs
+    return laplace.latent, attrs
 
 
 def _warn_unstable(log_radius: np.ndarray, config: RunConfig) -> None:
@@ -233,5 +292,6 @@ def _warn_unstable(log_radius: np.ndarray, config: RunConfig) -> None:
             + (" or a smaller [model] dt" if config.model.scheme == "euler" else
                f" or, if genes truly relax this slowly, a [model] max_spectral_radius closer to 1 "
                f"(now {config.model.max_spectral_radius})"),
+            LcdBayesWarning,
             stacklevel=3,
         )

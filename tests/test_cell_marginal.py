@@ -84,6 +84,7 @@ def _exact() -> np.ndarray:
     return out
 
 
+@pytest.mark.slow  # thousands of importance draws per cell: ~20 s
 def test_importance_bound_tends_to_the_exact_cell_marginal():
     exact = _exact()
     keys = jax.random.split(jax.random.PRNGKey(0), 64)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from lcd_bayes.diagnostics import LcdBayesWarning
 from lcd_bayes.io.screen import (
     DataError,
     PerturbationData,
@@ -116,7 +117,7 @@ def test_label_without_modelled_target_keeps_zero_row():
 
 
 def test_target_in_var_names_but_not_modelled_warns():
-    with pytest.warns(UserWarning, match="not among the modelled genes"):
+    with pytest.warns(LcdBayesWarning, match="not among the modelled genes"):
         data = load_perturbation_data(make_adata(), targets={"A": ["G5"]}, genes=["A", "B", "G2"])
     assert data.targets[0].sum() == 0
 
@@ -185,7 +186,7 @@ def test_lognorm_conversion_warns_when_far_from_integers():
     lognorm, totals = lognormalize(adata.X)
     adata.X = lognorm
     adata.obs["ncounts"] = totals * 1.37  # wrong library sizes
-    with pytest.warns(UserWarning, match="within 0.05 of a whole number"):
+    with pytest.warns(LcdBayesWarning, match="within 0.05 of a whole number"):
         load_perturbation_data(adata, total_counts_key="ncounts")
 
 
@@ -308,9 +309,8 @@ def test_real_norman19(perturbench_path):
     with pytest.raises(DataError, match="look log-normalized"):
         load_perturbation_data(adata)
     norman = adata[adata.obs.dataset == "norman19"]
-    with warnings.catch_warnings():
-        # Genes of the shared HVG set that norman19 never expresses are reported, not errors.
-        warnings.simplefilter("ignore", UserWarning)
+    # Genes of the shared HVG set that norman19 never expresses are reported, not errors.
+    with pytest.warns(LcdBayesWarning, match="modelled genes have zero counts in every cell"):
         data = load_perturbation_data(norman, control="control", total_counts_key="ncounts")
     assert data.n_cells == 3375 and data.n_genes == 500
     assert data.conditions[0] == "control"

@@ -44,6 +44,7 @@ def two_device_fits(likelihood: str, steps: int, batch: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a subprocess that compiles the fit for one device and for two: ~45 s
 def test_two_devices_compute_the_same_elbo_as_one():
     # Gaussian data, every cell in each step: the one randomness left is the guide's draw of the
     # globals, which all devices share, so two devices must follow one device's fit step by step

@@ -8,6 +8,7 @@ import xarray as xr
 
 import lcd_bayes.inference.svi as fit_module
 from lcd_bayes.config import FitConfig, RunConfig
+from lcd_bayes.diagnostics import LcdBayesWarning
 from lcd_bayes.inference.svi import FitError
 from lcd_bayes.io.run_folder import load_run
 from lcd_bayes.run import fit
@@ -29,8 +30,9 @@ def tiny_counts():
 def test_run_folder_holds_a_readable_posterior(tiny_counts, tmp_path):
     run = fit(tiny_counts, tmp_path / "run", config=TINY, progress=False)
     folder = tmp_path / "run"
-    for name in ("config.toml", "data.json", "elbo.csv", "posterior.nc", "params.pkl", "summary.txt"):
+    for name in ("config.toml", "data.json", "elbo.csv", "posterior.nc", "summary.txt"):
         assert (folder / name).exists(), name
+    assert not (folder / "params.pkl").exists()  # the draws are the result; nothing reads raw parameters
     assert not (folder / "checkpoint.pkl").exists()  # removed once the fit is complete
 
     # The file holds each (genes, genes) quantity once, as float32, and opens with xarray as is.
@@ -166,7 +168,9 @@ def test_fit_stops_once_the_annealed_posterior_stops_moving():
     assert step == 600  # the cosine anneals only at the end of a short budget: no early stop
 
 
-@pytest.mark.parametrize("likelihood", ["zip", "poisson", "gaussian"])
+# zip and poisson each compile a fit of their own (~8 s): slow tier; gaussian stays in the fast one.
+@pytest.mark.parametrize("likelihood", [pytest.param("zip", marks=pytest.mark.slow),
+                                        pytest.param("poisson", marks=pytest.mark.slow), "gaussian"])
 def test_every_likelihood_fits(likelihood):
     adata = simulate(4, cells_per_condition=20, likelihood="gaussian" if likelihood == "gaussian" else "nb", seed=1)
     run = fit(adata, config=TINY.replace(fit={"steps": 40, "min_steps": 40}), likelihood=likelihood, progress=False)
@@ -200,7 +204,7 @@ def test_stability_warning_names_the_remedy_of_the_scheme():
     from lcd_bayes.run import _warn_unstable
 
     at_limit = np.zeros(10)  # log spectral radius 0: every draw projected
-    with pytest.warns(UserWarning, match="100.0% of posterior drift draws.*max_spectral_radius closer to 1"):
+    with pytest.warns(LcdBayesWarning, match="100.0% of posterior drift draws.*max_spectral_radius closer to 1"):
         _warn_unstable(at_limit, RunConfig())
-    with pytest.warns(UserWarning, match=r"smaller \[model\] dt"):
+    with pytest.warns(LcdBayesWarning, match=r"smaller \[model\] dt"):
         _warn_unstable(at_limit, RunConfig().replace(model={"scheme": "euler"}))

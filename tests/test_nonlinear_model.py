@@ -99,6 +99,7 @@ def test_config_selects_and_validates_the_drift():
 
 @pytest.fixture(scope="module")
 def nonlinear_run(tmp_path_factory):
+    """A short fit of the nonlinear drift (~25 s): the tests that use it are in the slow tier."""
     config = load_config("lcd_nonlinear").replace(
         model={"likelihood": "gaussian", "sim_particles": 8},
         fit={"steps": 60, "steps_per_chunk": 20, "min_steps": 60, "checkpoint_every": 60,
@@ -110,6 +111,7 @@ def nonlinear_run(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_fit_gives_a_finite_posterior_with_the_expected_shapes(nonlinear_run):
     tree, config, record = load_run(nonlinear_run)
     posterior = tree["posterior"]
@@ -132,6 +134,7 @@ def test_fit_gives_a_finite_posterior_with_the_expected_shapes(nonlinear_run):
     np.testing.assert_allclose(posterior["self_decay"].values[0, 0], params["self_decay"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_clipr_on_the_nonlinear_run(nonlinear_run):
     effects, table = clipr_run(nonlinear_run)
     assert table.shape[0] == 20 and np.all(np.isfinite(table["mean"]))
@@ -149,6 +152,7 @@ def test_clipr_on_the_nonlinear_run(nonlinear_run):
     np.testing.assert_allclose(limit["effect"].values, expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_predict_on_the_nonlinear_run(nonlinear_run):
     adata = predict(nonlinear_run, "ctrl,G0,G0+G1", n_cells=20, n_draws=5, seed=1)
     assert adata.shape == (60, 5) and np.all(np.isfinite(adata.X))
@@ -169,6 +173,7 @@ def test_predict_on_the_nonlinear_run(nonlinear_run):
     assert np.abs(covariances[2] - covariances[1]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_the_fit_checks_that_its_chain_reached_stationarity(nonlinear_run):
     tree, config, record = load_run(nonlinear_run)
     assert tree["posterior"].attrs["stationarity"].startswith("stationary")

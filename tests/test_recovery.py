@@ -22,8 +22,14 @@ from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 # time, so its all-pairs coverage is ~0.80 / ~0.97 (docs/inference.md). That the spike covers the
 # absent edges at least at the nominal 90% rate is asserted too.
 @pytest.mark.slow
-@pytest.mark.parametrize("likelihood, refine, min_auroc",
-                         [("gaussian", None, 0.95), ("nb", None, 0.90), ("gaussian", "nuts", 0.95)])
+# The NB fit leaves ~0.2% of its drift draws at the stability limit, and says so: expected of the
+# default fit on counts, and those draws are part of the calibration asserted here.
+@pytest.mark.parametrize("likelihood, refine, min_auroc", [
+    ("gaussian", None, 0.95),
+    pytest.param("nb", None, 0.90, marks=pytest.mark.filterwarnings(
+        "ignore:.*posterior drift draws sat at the stability limit:lcd_bayes.diagnostics.LcdBayesWarning")),
+    ("gaussian", "nuts", 0.95),
+])
 def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood, refine, min_auroc):
     adata = simulate(20, cells_per_condition=200, likelihood=likelihood, seed=0)
     truth = truth_from_uns(adata)["effect"]

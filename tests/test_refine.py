@@ -23,6 +23,7 @@ from numpyro.infer.initialization import init_to_value
 
 from lcd_bayes.cli import _print_fit
 from lcd_bayes.config import RunConfig
+from lcd_bayes.diagnostics import LcdBayesWarning
 from lcd_bayes.inference import refine
 from lcd_bayes.run import fit
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
@@ -95,7 +96,7 @@ def test_default_refinement_falls_back_to_the_guide_with_a_warning_when_too_larg
     config = RunConfig().replace(model={"likelihood": "gaussian", "n_doublings": 12},
                                  fit={"steps": 40, "min_steps": 40, "steps_per_chunk": 20, "num_posterior_samples": 20})
     assert config.fit.refine == "auto"
-    with pytest.warns(UserWarning, match=r"latent dimensions, more than the 10 .*too narrow.*--n-top-genes"):
+    with pytest.warns(LcdBayesWarning, match=r"latent dimensions, more than the 10 .*too narrow.*--n-top-genes"):
         run = fit(adata, tmp_path / "run", config=config, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
     posterior = run.posterior["posterior"]
     assert posterior.attrs["inference"] == "SVI" and "more than the 10" in posterior.attrs["refinement_skipped"]
@@ -109,6 +110,7 @@ def test_unknown_refinement_is_rejected():
         RunConfig().replace(fit={"refine": "hmc"})
 
 
+@pytest.mark.slow  # 1500 SVI steps and a NUTS chain: ~20 s
 def test_refined_fit_says_how_it_was_made_and_covers_the_truth():
     """A 4-gene screen fitted with the refinement: the chain's diagnostics are in the posterior's
     attributes and its draws cover the simulated drift. (That its sds match an independent NUTS
@@ -121,6 +123,11 @@ def test_refined_fit_says_how_it_was_made_and_covers_the_truth():
     assert posterior.attrs["inference"].startswith("SVI + NUTS") and posterior.attrs["nuts_mean_tree_size"] >= 1
     assert 'refine = "nuts"' in posterior.attrs["config"]
     assert posterior["drift"].sizes["draw"] == 200
+    # The chain's per-draw statistics, as ArviZ reads them.
+    stats = run.posterior["sample_stats"]
+    assert stats["diverging"].dims == ("chain", "draw") and stats["diverging"].sizes["draw"] == 200
+    assert int(stats["diverging"].sum()) == posterior.attrs["nuts_divergences"]
+    assert np.all(stats["tree_size"] >= 1)
     truth = truth_from_uns(adata)["drift"]
     z = ((posterior["drift"].mean(("chain", "draw")) - truth) / posterior["drift"].std(("chain", "draw"))).values
     assert np.all(np.abs(z) < 3.0), f"refined drift mean vs truth, in posterior sds:\n{np.round(z, 2)}"
@@ -143,7 +150,7 @@ def assert_guide_kept_after_failure(refinement: str, warning: str, attribute: st
     records why in ``attribute``."""
     adata = simulate(4, cells_per_condition=50, likelihood="gaussian", seed=0)
     config = RunConfig().replace(model={"likelihood": "gaussian"}, fit={"steps": 200, "num_posterior_samples": 40})
-    with pytest.warns(UserWarning, match=warning):
+    with pytest.warns(LcdBayesWarning, match=warning):
         run = fit(adata, config=config, refine=refinement, size_factor_key=LIBRARY_SIZE_KEY, progress=False)
     posterior = run.posterior["posterior"]
     assert posterior.attrs["inference"] == "SVI" and posterior.attrs[attribute].startswith("failed")

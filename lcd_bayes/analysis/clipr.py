@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ..diagnostics import LcdBayesWarning
 from ..dynamics.fixed_point import fixed_point
 from ..dynamics.nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
 from ..dynamics.nonlinear import posterior_drift
@@ -247,7 +248,7 @@ def posterior_effects(tree: xr.DataTree, *, ridge: float = DEFAULT_RIDGE, chunk_
     if not np.all(residual <= 1e-3 * scale):
         warnings.warn(
             f"{np.mean(~(residual <= 1e-3 * scale)):.1%} of drift draws have a limit response that is not a "
-            "fixed point (Newton did not converge); their CLIPR effects are unreliable", stacklevel=2,
+            "fixed point (Newton did not converge); their CLIPR effects are unreliable", LcdBayesWarning, stacklevel=2,
         )
     sample_coords = {"chain": posterior["chain"].values, "draw": posterior["draw"].values}
     return xr.Dataset(
@@ -371,20 +372,28 @@ def clipr_run(folder: str | Path, *, ridge: float | None = None, tau: float | No
     (xarray.DataTree, pandas.DataFrame)
         The tree written to ``clipr.nc`` and the edge table written to ``edges.csv``.
     """
-    _check_summary_args(tau, hdi_prob)
     folder = Path(folder)
     tree, config, _record = load_run(folder)
+    result, table = clipr_posterior(tree, config, ridge=ridge, tau=tau, hdi_prob=hdi_prob,
+                                    chunk_size=chunk_size, synthetic=synthetic)
+    save_datatree(result, folder / "clipr.nc")
+    table.to_csv(folder / "edges.csv", index=False)
+    return result, table
+
+
+def clipr_posterior(tree: xr.DataTree, config, *, ridge: float | None = None, tau: float | None = None,
+                    hdi_prob: float = 0.9, chunk_size: int = 16,
+                    synthetic: bool = True) -> tuple[xr.DataTree, pd.DataFrame]:
+    """CLIPR on a fit's posterior ``tree`` (its ``RunConfig`` says which drift), in memory: the
+    tree ``clipr_run`` writes and its edge table."""
+    _check_summary_args(tau, hdi_prob)
     drift_fn, param_names = run_drift(config.model)
     ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
     effects = posterior_effects(tree, ridge=ridge, chunk_size=chunk_size, synthetic=synthetic,
                                 drift_fn=drift_fn, param_names=param_names)
     summary = edge_summary(effects, tau=tau, hdi_prob=hdi_prob)
     summary.attrs["ridge"] = ridge
-    result = xr.DataTree.from_dict({"posterior": effects, "edges": summary})
-    save_datatree(result, folder / "clipr.nc")
-    table = summary_to_table(summary)
-    table.to_csv(folder / "edges.csv", index=False)
-    return result, table
+    return xr.DataTree.from_dict({"posterior": effects, "edges": summary}), summary_to_table(summary)
 
 
 def load_clipr(folder: str | Path) -> xr.DataTree:

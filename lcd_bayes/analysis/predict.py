@@ -44,7 +44,7 @@ from ..inference.posterior import stacked_draws
 from ..io.expression import canonical_label, label_parts, prediction_anndata
 from ..io.run_folder import load_run
 from ..io.screen import DataError
-from ..model.program import link
+from ..model.program import count_distribution, link
 
 DEFAULT_CELL_DRAWS = 100  # posterior draws the predicted cells cycle over
 INTERVAL = 0.9
@@ -133,20 +133,26 @@ def expected_link(mean: jax.Array, sd: jax.Array, link_name: str) -> jax.Array:
 
 
 def _observe(key, likelihood: str, rate, draws_noise):
-    if likelihood == "nb":
-        return dist.NegativeBinomial2(rate, draws_noise).sample(key)
-    if likelihood == "zip":
-        return dist.ZeroInflatedPoisson(draws_noise, rate).sample(key)
-    return dist.Poisson(rate).sample(key)
+    """Counts given their rates, from the program's own count distribution."""
+    return count_distribution(likelihood, rate, draws_noise).sample(key)
 
 
 def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int = DEFAULT_CELL_DRAWS,
             seed: int = 0) -> anndata.AnnData:
+    """``predict_posterior`` on a run folder written by ``lcd-bayes fit``."""
+    tree, config, record = load_run(run)
+    return predict_posterior(tree, config, record, perturbations, n_cells=n_cells, n_draws=n_draws, seed=seed,
+                             run_name=str(Path(run).resolve()))
+
+
+def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int = 100,
+                      n_draws: int = DEFAULT_CELL_DRAWS, seed: int = 0, run_name: str = "in memory") -> anndata.AnnData:
     """Predicted cells of each requested condition, with per-gene posterior expression summaries.
 
     Parameters
     ----------
-    run : run folder written by ``lcd-bayes fit``.
+    tree, config, record : a fit's posterior DataTree, ``RunConfig`` and data record (what a run
+        folder holds; ``lcd_bayes.io.run_folder.load_run``).
     perturbations : ``"A+B,C"`` or a list of labels; the control label predicts control cells.
     n_cells : cells per condition.
     n_draws : posterior draws the cells cycle over (all draws enter the expression summaries).
@@ -161,7 +167,6 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
     """
     if int(n_cells) < 1:
         raise ValueError(f"n_cells must be a positive number of cells per condition, not {n_cells}")
-    tree, config, record = load_run(run)
     # A Laplace-refined run keeps the guide's draws too: its Laplace draws are for the effects'
     # intervals, and cells predicted from them were about twice as far off (docs/evaluation.md).
     source = "guide_posterior" if "guide_posterior" in tree.children else "posterior"
@@ -202,7 +207,7 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
         values.reshape(-1, values.shape[-1]), labels, record["genes"],
         space="log1p_normalized" if model.likelihood == "gaussian" else "counts", method="lcd",
         perturbation_key=record["perturbation_key"], control=record["control"], sep=record["sep"],
-        uns={"run": str(Path(run).resolve()), "conditions": list(request.conditions),
+        uns={"run": run_name, "conditions": list(request.conditions),
              "new_labels": list(request.new_labels), "n_draws": int(used.size), "draws_from": source,
              "interval": INTERVAL, "seed": int(seed)},
     )

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 from numpyro.handlers import seed, substitute, trace
+from numpyro.infer import log_likelihood
 
 from .. import __version__
 from ..model.program import Structure, drift_prior
@@ -113,11 +114,28 @@ def derive_globals(latent: dict, structure: Structure, model_config, *, chunk_si
     return {name: np.asarray(value) for name, value in draws.items()}
 
 
+def pointwise_log_likelihood(model, params: dict, latent: dict, cells) -> np.ndarray:
+    """``log p(y_i | globals_s)`` of every cell ``i`` under every draw ``s``: (draws, cells).
+
+    ``model`` is the full-data program (no minibatches), ``params`` the fit's (the cell
+    encoder's), ``latent`` the draws of the latent sites. The cells' states are integrated out as
+    in training: in closed form for Gaussian data, by the importance-weighted estimate over
+    ``cell_particles`` proposals for counts (a slight underestimate, consistent as they grow).
+    Draws are evaluated one at a time, so memory is one draw's cells x particles x genes.
+    """
+    conditioned = substitute(model, data=jax.tree_util.tree_map(jnp.asarray, params))
+    cells = type(cells)(*(jnp.asarray(a) for a in cells))
+    return np.asarray(log_likelihood(conditioned, latent, cells)["y"])
+
+
 def to_datatree(draws: dict[str, np.ndarray], coords: Coords, *, losses: np.ndarray | None = None,
                 attrs: dict | None = None, constant_data: dict | None = None,
-                guide_draws: dict[str, np.ndarray] | None = None) -> xr.DataTree:
+                guide_draws: dict[str, np.ndarray] | None = None,
+                cell_log_likelihood: np.ndarray | None = None) -> xr.DataTree:
     """Build the DataTree: ``posterior`` (chain, draw, ...), ``constant_data``, ``svi`` and, when
-    given, ``guide_posterior``: the guide's own draws beside refined ones (``lcd_bayes.run``)."""
+    given, ``guide_posterior``: the guide's own draws beside refined ones (``lcd_bayes.run``),
+    and ``log_likelihood``: ``y`` (chain, draw, cell), each cell's log-likelihood under each
+    posterior draw (``pointwise_log_likelihood``), which ``arviz.loo`` reads."""
     coord_values = {
         "gene": list(coords.genes), "source": list(coords.genes), "target": list(coords.genes),
         "perturbation": list(coords.perturbations), "condition": list(coords.conditions),
@@ -132,6 +150,11 @@ def to_datatree(draws: dict[str, np.ndarray], coords: Coords, *, losses: np.ndar
             {k: (dims, np.asarray(v)) for k, (dims, v) in constant_data.items()},
             coords={d: coord_values[d] for d in ("gene", "perturbation", "condition")},
         )
+    if cell_log_likelihood is not None:
+        values = np.asarray(cell_log_likelihood)[None]
+        groups["log_likelihood"] = xr.Dataset(
+            {"y": (("chain", "draw", "cell"), values)},
+            coords={"chain": [0], "draw": np.arange(values.shape[1]), "cell": np.arange(values.shape[2])})
     if losses is not None:
         groups["svi"] = xr.Dataset({"loss": (("step",), np.asarray(losses))},
                                    coords={"step": np.arange(len(losses))})

@@ -64,6 +64,8 @@ class Refinement(NamedTuple):
     divergences: int
     mean_tree_size: float  # leapfrog steps per draw; 2**max_tree_depth - 1 means the depth cap bound
     seconds: float
+    diverging: np.ndarray | None = None  # (draws,) bool: the draw's trajectory diverged
+    num_steps: np.ndarray | None = None  # (draws,) leapfrog steps of each draw's trajectory
 
 
 class LaplaceRefinement(NamedTuple):
@@ -200,7 +202,7 @@ def refine_with_nuts(model, guide, params: dict, cells, *, num_warmup: int, num_
     extra = mcmc.get_extra_fields()
     latent = constrained_draws(mean + eps @ tril.T, unravel, sites)
     return Refinement(latent, int(np.sum(extra["diverging"])), float(np.mean(extra["num_steps"])),
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, np.asarray(extra["diverging"]), np.asarray(extra["num_steps"]))
 
 
 def whitened_hessian(whitened_potential, latent_dim: int, batch_size: int, progress: bool = True) -> jax.Array:

@@ -5,8 +5,8 @@ A run folder holds everything needed to inspect or reproduce a fit:
     config.toml      the model and fit settings used (``lcd-bayes fit --config`` reads it back)
     data.json        how the data were read: keys, labels, genes, conditions, targets
     elbo.csv         the ELBO at every step
-    posterior.nc     ArviZ DataTree: posterior draws, constant data, the SVI trace
-    params.pkl       the variational parameters
+    posterior.nc     ArviZ DataTree: posterior draws, constant data, the SVI trace (and, after a
+                     NUTS refinement, its sample_stats)
     summary.txt      the fit's headline numbers
     checkpoint.pkl   only while a fit is unfinished: resume by running the same command
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import anndata
@@ -53,47 +52,75 @@ def data_record(data: PerturbationData) -> dict:
     }
 
 
-def start_run_folder(folder: Path, config: RunConfig, data: PerturbationData) -> None:
-    """Create the run folder of a new (or resumed) fit and write ``config.toml`` and ``data.json``;
-    refuses a folder that already holds a finished fit."""
+class IncompleteRunError(FileNotFoundError):
+    """A run folder without a finished, readable fit; the message says how to finish or redo it."""
+
+
+def start_run_folder(folder: Path, config: RunConfig, record: dict) -> None:
+    """Create the run folder of a new (or resumed) fit and write ``config.toml`` and ``data.json``
+    (``record``, from ``data_record``); refuses a folder that already holds a finished fit."""
     if (folder / "posterior.nc").exists():
         raise FileExistsError(
             f"{folder} already holds a finished fit (posterior.nc); write to a new --out folder "
             "or delete the old one"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(config.to_toml())
-    (folder / "data.json").write_text(json.dumps(data_record(data), indent=1))
+    (folder / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+    (folder / "data.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
-def write_run(folder: Path, tree: xr.DataTree, result) -> None:
-    """Write a finished fit into its folder: ``elbo.csv``, ``params.pkl``, ``posterior.nc`` and
-    ``summary.txt`` from ``tree`` and the fit's ``result`` (``inference.svi.FitResult``), and
-    remove the checkpoint."""
-    pd.DataFrame({"step": np.arange(result.losses.size), "elbo": -result.losses}).to_csv(
-        folder / "elbo.csv", index=False
-    )
-    with open(folder / "params.pkl", "wb") as f:
-        pickle.dump(result.params, f)
+def write_run(folder: Path, tree: xr.DataTree) -> None:
+    """Write a finished fit into its folder, from its posterior ``tree`` alone: ``elbo.csv`` (the
+    ``svi`` group's loss), ``posterior.nc`` and ``summary.txt`` (the posterior's attributes), and
+    remove the checkpoint.
+
+    The variational parameters are not kept: the draws in ``posterior.nc`` are the fit's result,
+    and drawing more from the guide would need the data's model structure as well (the checkpoint
+    keeps them only while a fit is unfinished).
+    """
+    losses = tree["svi"]["loss"].values if "svi" in tree.children else np.zeros(0)
+    pd.DataFrame({"step": np.arange(losses.size), "elbo": -losses}).to_csv(folder / "elbo.csv", index=False)
     save_datatree(tree, folder / "posterior.nc")
+    attrs = tree["posterior"].attrs
+    compile_seconds = f" (compile {attrs['compile_seconds']:.1f})" if "compile_seconds" in attrs else ""
+    final = f"{-losses[-100:].mean():.6g}" if losses.size else "n/a"
     (folder / "summary.txt").write_text(
-        f"steps: {result.losses.size}\nconverged: {result.converged}\n"
-        f"seconds: {result.seconds:.1f} (compile {result.compile_seconds:.1f})\n"
-        f"final ELBO (mean of last 100 steps): {-result.losses[-100:].mean():.6g}\n"
+        f"steps: {losses.size}\nconverged: {bool(attrs.get('converged', False))}\n"
+        f"seconds: {float(attrs.get('fit_seconds', float('nan'))):.1f}{compile_seconds}\n"
+        f"final ELBO (mean of last 100 steps): {final}\n"
     )
     checkpoint = folder / "checkpoint.pkl"
     if checkpoint.exists():
-        checkpoint.unlink()  # the fit is complete: params.pkl and posterior.nc supersede it
+        checkpoint.unlink()  # the fit is complete: posterior.nc supersedes it
 
 
 def load_run(folder: str | Path) -> tuple[xr.DataTree, RunConfig, dict]:
-    """The posterior, configuration and data record of a finished run folder."""
+    """The posterior, configuration and data record of a finished run folder.
+
+    Raises ``IncompleteRunError`` (a ``FileNotFoundError``) when the folder holds no complete
+    ``posterior.nc``, with what to do: resume the fit with the same command, or refit.
+    """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such run folder: {folder}; create it with `lcd-bayes fit DATA --out {folder}`")
+    if (folder / "checkpoint.pkl").exists():
+        todo = "resume it by running the same `lcd-bayes fit` command (or `lcd_bayes.fit(..., out=...)`) again"
+    else:
+        todo = "refit (`lcd-bayes fit DATA --out NEW_FOLDER`, or `lcd_bayes.fit(adata)`)"
     if not (folder / "posterior.nc").exists():
-        hint = " (an unfinished fit: run the same fit command again to resume)" if (folder / "checkpoint.pkl").exists() else ""
-        raise FileNotFoundError(f"{folder} has no posterior.nc{hint}; create it with `lcd-bayes fit`")
-    return (load_datatree(folder / "posterior.nc"), load_config(folder / "config.toml"),
-            json.loads((folder / "data.json").read_text()))
+        state = ("an interrupted write of posterior.nc" if (folder / "posterior.nc.partial").exists()
+                 else "no posterior.nc")
+        raise IncompleteRunError(f"{folder} holds no finished fit ({state}): {todo}")
+    missing = [name for name in ("config.toml", "data.json") if not (folder / name).exists()]
+    if missing:
+        raise IncompleteRunError(f"{folder} lacks {' and '.join(missing)}, written when a fit starts: {todo}")
+    try:
+        tree = load_datatree(folder / "posterior.nc")
+    except (OSError, ValueError) as error:  # truncated or not netCDF (a copy cut short, a full disk)
+        raise IncompleteRunError(f"{folder / 'posterior.nc'} is incomplete or unreadable ({error}): {todo}") from None
+    if "posterior" not in tree.children:
+        raise IncompleteRunError(f"{folder / 'posterior.nc'} has no posterior group: {todo}")
+    return tree, load_config(folder / "config.toml"), json.loads((folder / "data.json").read_text(encoding="utf-8"))
 
 
 # Stored once: ``interaction`` is ``drift`` transposed without its diagonal, and for the linear

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ..diagnostics import LcdBayesWarning
+
 __all__ = [
     "DataError",
     "PerturbationData",
@@ -456,7 +458,7 @@ def convert_lognorm(adata, matrix, where: str, total_counts_key: str, target_sum
             f"target_sum={target_sum:g}: only {n_near / n_nonzero:.0%} of non-zero values were within "
             "0.05 of a whole number before rounding, so the data may not be "
             "log1p(counts / total_counts * target_sum); check target_sum and the total counts column.",
-            UserWarning,
+            LcdBayesWarning,
             stacklevel=3,
         )
     return counts, totals
@@ -823,7 +825,7 @@ def load_perturbation_data(
             f"{len(unmodelled)} target genes from the targets mapping are in adata.var_names but not "
             f"among the modelled genes, so they are not modelled as targets: {few(unmodelled)}. "
             "Add them to genes= to model them.",
-            UserWarning,
+            LcdBayesWarning,
             stacklevel=2,
         )
 
@@ -841,7 +843,7 @@ def load_perturbation_data(
             warnings.warn(
                 f"{len(silent)} modelled genes have zero counts in every cell: {few(silent)}. They "
                 "are kept but carry no information; pass genes= without them to drop them.",
-                UserWarning,
+                LcdBayesWarning,
                 stacklevel=2,
             )
 

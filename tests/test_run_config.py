@@ -1,0 +1,61 @@
+"""A run's config.toml repeats the fit: every reading setting recorded, strings escaped, and the
+checkpoint fingerprint covers every array the fit sees."""
+import tomllib
+
+import numpy as np
+import pytest
+
+from lcd_bayes.config import RunConfig, load_config
+from lcd_bayes.io.screen import load_perturbation_data
+from lcd_bayes.run import _fingerprint, fit
+from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
+
+TINY = RunConfig().replace(
+    fit={"steps": 60, "steps_per_chunk": 20, "num_posterior_samples": 20, "min_steps": 60, "batch_size": 64,
+         "refine": "none"},
+    model={"n_doublings": 12},
+)
+
+
+def test_toml_strings_are_escaped_and_read_back():
+    odd = 'no "quotes"\\ or\ttabs\nor é'
+    config = TINY.replace(data={"perturbation_key": odd, "control": "ctrl\\x", "layer": "raw counts",
+                                "targets": {"guide A": ["G1"], 'say "B"': ["G2", "G3"]}, "genes": ["G1", "G2"]})
+    raw = tomllib.loads(config.to_toml())
+    assert raw["data"]["perturbation_key"] == odd
+    assert RunConfig.from_dict(raw) == config
+    assert config.data.target_map() == {"guide A": ["G1"], 'say "B"': ["G2", "G3"]}
+
+
+def test_data_settings_are_checked():
+    with pytest.raises(ValueError, match="n_top_genes must be a positive integer"):
+        RunConfig().replace(data={"n_top_genes": 2.5})
+    with pytest.raises(ValueError, match="genes must be a list of gene names"):
+        RunConfig().replace(data={"genes": "G1"})
+    with pytest.raises(ValueError, match=r"unknown keys in \[data\]"):
+        RunConfig.from_dict({"data": {"size_factors": "x"}})
+
+
+def test_checkpoint_fingerprint_covers_the_size_factors():
+    adata = simulate(4, cells_per_condition=20, likelihood="nb", seed=0)
+    data = load_perturbation_data(adata)
+    other = data._replace(size_factor=data.size_factor * 1.5)
+    assert _fingerprint(data, TINY) == _fingerprint(data, TINY)
+    assert _fingerprint(other, TINY) != _fingerprint(data, TINY)
+
+
+@pytest.mark.slow
+def test_config_toml_of_a_run_repeats_it_exactly(tmp_path):
+    adata = simulate(4, cells_per_condition=30, likelihood="nb", seed=1)
+    # Non-default reading settings: other label column and control name, library sizes from obs.
+    adata.obs["guide"] = adata.obs["condition"].astype(str).replace({"ctrl": "NT"})
+    del adata.obs["condition"]
+    first = fit(adata, tmp_path / "first", config=TINY, perturbation_key="guide", control="NT",
+                size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+    recorded = load_config(tmp_path / "first" / "config.toml")
+    assert recorded.data.perturbation_key == "guide" and recorded.data.control == "NT"
+    assert recorded.data.size_factor_key == LIBRARY_SIZE_KEY
+    again = fit(adata, tmp_path / "again", config=tmp_path / "first" / "config.toml", progress=False)
+    np.testing.assert_array_equal(again.fit.losses, first.fit.losses)
+    np.testing.assert_array_equal(again.posterior["posterior"]["drift"].values,
+                                  first.posterior["posterior"]["drift"].values)
