@@ -131,7 +131,7 @@ def fit(
 
     result, inference = fit_svi(
         cells, structure, run_config,
-        checkpoint_path=folder / "checkpoint.pkl" if folder else None,
+        checkpoint_path=folder / "checkpoint.npz" if folder else None,
         fingerprint=_fingerprint(data, run_config), progress=progress,
     )
     latent, attrs = None, {} if fallback is None else {"refinement_skipped": fallback}

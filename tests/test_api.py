@@ -117,7 +117,7 @@ def test_save_and_load_give_the_same_run(run, tmp_path):
 
 def test_load_says_what_to_do_with_an_unfinished_folder(tmp_path):
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "checkpoint.pkl").write_bytes(b"")
+    (tmp_path / "half" / "checkpoint.npz").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="resume it by running the same"):
         lb.load(tmp_path / "half")
     with pytest.raises(FileNotFoundError, match="no such run folder"):

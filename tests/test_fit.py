@@ -33,7 +33,7 @@ def test_run_folder_holds_a_readable_posterior(tiny_counts, tmp_path):
     for name in ("config.toml", "data.json", "elbo.csv", "posterior.nc", "summary.txt"):
         assert (folder / name).exists(), name
     assert not (folder / "params.pkl").exists()  # the draws are the result; nothing reads raw parameters
-    assert not (folder / "checkpoint.pkl").exists()  # removed once the fit is complete
+    assert not (folder / "checkpoint.npz").exists()  # removed once the fit is complete
 
     # The file holds each (genes, genes) quantity once, as float32, and opens with xarray as is.
     with xr.open_datatree(folder / "posterior.nc", engine="h5netcdf") as stored:
@@ -92,8 +92,9 @@ def test_interrupted_fit_resumes_to_the_same_result(tiny_counts, tmp_path, monke
     monkeypatch.setattr(fit_module, "tqdm", InterruptAfterTwoChunks)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_counts, tmp_path / "run", config=config, progress=False)
-    assert (tmp_path / "run" / "checkpoint.pkl").exists()
     assert not (tmp_path / "run" / "posterior.nc").exists()
+    with np.load(tmp_path / "run" / "checkpoint.npz", allow_pickle=False) as stored:  # plain arrays, no pickle
+        assert stored["losses"].size == 40
 
     resumed = fit(tiny_counts, tmp_path / "run", config=config, progress=False)
     np.testing.assert_allclose(resumed.fit.losses, uninterrupted.fit.losses, rtol=1e-6)
@@ -127,7 +128,7 @@ def test_non_finite_elbo_stops_with_a_clear_message(tiny_counts, tmp_path):
     explosive = TINY.replace(fit={"learning_rate": 1e12, "clip_norm": 1e30, "warmup_steps": 1})
     with pytest.raises(FitError, match="non-finite"):
         fit(tiny_counts, tmp_path / "run", config=explosive, progress=False)
-    assert (tmp_path / "run" / "checkpoint.pkl").exists()  # the last finite state is kept
+    assert (tmp_path / "run" / "checkpoint.npz").exists()  # the last finite state is kept
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine_to_its_final_fraction():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -197,24 +196,40 @@ class Checkpoint(NamedTuple):
 
 
 def save_checkpoint(path: Path, state, losses: np.ndarray, fingerprint: str, progress: Progress) -> None:
-    """Write atomically, so an interruption during the write never corrupts the last checkpoint."""
-    tmp = path.with_suffix(".tmp")
+    """Write the fit's state as plain arrays (``numpy.savez``: no pickle, so loading a checkpoint
+    runs no code), atomically, so an interruption during the write never corrupts the last one.
+    The state's leaves are stored in order; ``load_checkpoint`` puts them back into the structure
+    of a freshly initialized state."""
+    arrays = {f"state_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree_util.tree_leaves(jax.device_get(state)))}
+    arrays |= {f"window_{name}": np.asarray(value) for name, value in (progress.window_start or {}).items()}
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(Checkpoint(jax.device_get(state), np.asarray(losses), fingerprint, progress), f)
+        np.savez(f, losses=np.asarray(losses), fingerprint=np.asarray(fingerprint),
+                 movements=np.asarray(progress.movements, dtype=np.float64), settled=np.asarray(progress.settled),
+                 has_window=np.asarray(progress.window_start is not None), **arrays)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
+def load_checkpoint(path: Path, fingerprint: str, template) -> Checkpoint | None:
+    """The checkpoint at ``path``, its state in the structure of ``template`` (the state of the
+    same fit, freshly initialized); None if there is none."""
     if not path.exists():
         return None
-    with open(path, "rb") as f:
-        checkpoint = pickle.load(f)
-    if checkpoint.fingerprint != fingerprint:
-        raise FitError(
-            f"{path} belongs to a fit with other data or settings; resume it with the same command, "
-            "or write this fit to a new --out folder (or delete the checkpoint)."
-        )
-    return checkpoint
+    with np.load(path, allow_pickle=False) as stored:
+        if str(stored["fingerprint"]) != fingerprint:
+            raise FitError(
+                f"{path} belongs to a fit with other data or settings; resume it with the same command, "
+                "or write this fit to a new --out folder (or delete the checkpoint)."
+            )
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        stored_leaves = [stored[f"state_{i}"] for i in range(len(leaves))]
+        if any(np.shape(a) != np.shape(b) for a, b in zip(stored_leaves, leaves)):
+            raise FitError(f"{path} does not match this fit's parameters; delete it to start afresh")
+        window = {name[len("window_"):]: stored[name] for name in stored.files if name.startswith("window_")}
+        progress = Progress(window if bool(stored["has_window"]) else None, tuple(stored["movements"].tolist()),
+                            bool(stored["settled"]))
+        return Checkpoint(jax.tree_util.tree_unflatten(treedef, stored_leaves), stored["losses"], fingerprint,
+                          progress)
 
 
 def fit_svi(
@@ -284,7 +299,7 @@ def fit_svi(
     state = svi.init(key, CellBatch(*(a[:INIT_CELLS] for a in host_cells)))
     init_seconds = time.perf_counter() - start
     losses, progress_record = np.zeros(0, dtype=np.float64), Progress()
-    resumed = load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
+    resumed = load_checkpoint(checkpoint_path, fingerprint, state) if checkpoint_path else None
     if resumed is not None:
         state = jax.tree_util.tree_map(jnp.asarray, resumed.state)
         losses, progress_record = resumed.losses, resumed.progress

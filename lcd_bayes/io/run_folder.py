@@ -8,7 +8,7 @@ A run folder holds everything needed to inspect or reproduce a fit:
     posterior.nc     ArviZ DataTree: posterior draws, constant data, the SVI trace (and, after a
                      NUTS refinement, its sample_stats)
     summary.txt      the fit's headline numbers
-    checkpoint.pkl   only while a fit is unfinished: resume by running the same command
+    checkpoint.npz   only while a fit is unfinished: resume by running the same command
 
 CLIPR adds ``clipr.nc`` and ``edges.csv`` (``analysis.clipr``), the report its figures (``pl``).
 """
@@ -89,7 +89,7 @@ def write_run(folder: Path, tree: xr.DataTree) -> None:
         f"seconds: {float(attrs.get('fit_seconds', float('nan'))):.1f}{compile_seconds}\n"
         f"final ELBO (mean of last 100 steps): {final}\n"
     )
-    checkpoint = folder / "checkpoint.pkl"
+    checkpoint = folder / "checkpoint.npz"
     if checkpoint.exists():
         checkpoint.unlink()  # the fit is complete: posterior.nc supersedes it
 
@@ -103,7 +103,7 @@ def load_run(folder: str | Path) -> tuple[xr.DataTree, RunConfig, dict]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such run folder: {folder}; create it with `lcd-bayes fit DATA --out {folder}`")
-    if (folder / "checkpoint.pkl").exists():
+    if (folder / "checkpoint.npz").exists():
         todo = "resume it by running the same `lcd-bayes fit` command (or `lcd_bayes.fit(..., out=...)`) again"
     else:
         todo = "refit (`lcd-bayes fit DATA --out NEW_FOLDER`, or `lcd_bayes.fit(adata)`)"
