@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import anndata
-import jax
 import numpy as np
 import xarray as xr
 
 from .config import RunConfig, load_config
 from .diagnostics import LcdBayesWarning
 from .dynamics.nonlinear import check_fitted_stationarity
-from .inference.posterior import Coords, derive_globals, pointwise_log_likelihood, to_datatree
+from .inference.posterior import Coords, derive_globals, pointwise_log_likelihood, sample_guide, to_datatree
 from .inference.refine import refine_with_laplace, refine_with_nuts, resolve_refinement
 from .inference.svi import FitResult, fit_svi, program
 from .io.run_folder import data_record, read_h5ad, start_run_folder, write_run
@@ -148,9 +147,8 @@ def fit(
     # serve every use.
     guide_draws = None
     if draws is None or run_config.fit.refine == "laplace":
-        guide_latent = inference.guide.sample_posterior(
-            jax.random.PRNGKey(run_config.fit.seed + 1), result.params,
-            sample_shape=(run_config.fit.num_posterior_samples,))
+        guide_latent = sample_guide(inference.guide, result.params, num_samples=run_config.fit.num_posterior_samples,
+                                    seed_value=run_config.fit.seed + 1)
         guide_draws = derive_globals(guide_latent, structure, run_config.model)
     if draws is None:  # the guide's posterior (also when the refinement failed)
         draws, guide_draws, latent = guide_draws, None, guide_latent

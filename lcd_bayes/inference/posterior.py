@@ -73,8 +73,13 @@ def draw_globals(guide, params: dict, structure: Structure, model_config, *, num
     common variables, ``saturation``, ``input_offset``, ``condition_sd`` and diagnostics; nothing
     of size draws x conditions x genes x genes.
     """
-    latent = guide.sample_posterior(jax.random.PRNGKey(seed_value), params, sample_shape=(num_samples,))
+    latent = sample_guide(guide, params, num_samples=num_samples, seed_value=seed_value)
     return derive_globals(latent, structure, model_config, chunk_size=chunk_size)
+
+
+def sample_guide(guide, params: dict, *, num_samples: int, seed_value: int = 0) -> dict:
+    """``num_samples`` draws of the latent sites from the fitted guide, ``(draws, ...)`` each."""
+    return guide.sample_posterior(jax.random.PRNGKey(seed_value), params, sample_shape=(num_samples,))
 
 
 def derive_globals(latent: dict, structure: Structure, model_config, *, chunk_size: int = 64) -> dict[str, np.ndarray]:
