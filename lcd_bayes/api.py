@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .analysis.clipr import clipr_posterior
+from .analysis.clipr import clipr_posterior, summary_at, summary_to_table
 from .analysis.predict import DEFAULT_CELL_DRAWS, predict_posterior
 from .config import RunConfig
 from .analysis.evaluation import evaluate
@@ -89,12 +89,7 @@ class Run:
         (rows: source gene, columns: target gene; NaN for pairs outside the modelled genes, which
         must all be in ``adata.var_names``), with the settings in ``adata.uns["lcd_bayes_edges"]``.
         """
-        from .analysis.clipr import edge_summary, summary_to_table
-
-        summary = self.clipr["edges"].to_dataset()
-        if tau is not None or (hdi_prob is not None and hdi_prob != summary.attrs.get("hdi_prob")):
-            summary = edge_summary(self.clipr["posterior"].to_dataset(), tau=tau,
-                                   hdi_prob=summary.attrs.get("hdi_prob", 0.9) if hdi_prob is None else hdi_prob)
+        summary = summary_at(self.clipr, tau=tau, hdi_prob=hdi_prob)
         if adata is not None:
             _write_varp(adata, summary)
         return summary_to_table(summary)

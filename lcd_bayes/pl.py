@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
-from .analysis.clipr import edge_summary, load_clipr, summary_to_table
+from .analysis.clipr import load_clipr, summary_at, summary_to_table
 
 MAX_TICK_LABELS = 60  # beyond this many genes, tick labels overlap into a black bar
 POSITIVE, NEGATIVE = "tab:red", "tab:blue"
@@ -172,15 +172,6 @@ def _clipr_of(run) -> xr.DataTree:
     return load_clipr(run) if isinstance(run, (str, Path)) else run.clipr
 
 
-def _summary(clipr: xr.DataTree, tau: float | None, hdi_prob: float | None) -> xr.Dataset:
-    """The stored edge summary, or one at another ``tau`` / ``hdi_prob``."""
-    summary = clipr["edges"].to_dataset()
-    if tau is None and hdi_prob is None:
-        return summary
-    return edge_summary(clipr["posterior"].to_dataset(), tau=tau, hdi_prob=summary.attrs.get("hdi_prob", 0.9)
-                        if hdi_prob is None else hdi_prob)
-
-
 def elbo(run, *, ax: Axes | None = None) -> Axes:
     """The ELBO trace (``plot_elbo``) of a run (its ``losses``, the negative ELBO per step) or a
     run folder (``elbo.csv``)."""
@@ -194,13 +185,13 @@ def elbo(run, *, ax: Axes | None = None) -> Axes:
 def edge_heatmap(run, *, tau: float | None = None, hdi_prob: float | None = None, ax: Axes | None = None) -> Axes:
     """Signed edge probabilities of a run or run folder, source x target (``plot_edge_heatmap``);
     ``tau`` defaults to CLIPR's (``lcd_bayes.analysis.clipr.default_tau``)."""
-    return plot_edge_heatmap(_summary(_clipr_of(run), tau, hdi_prob), ax=ax)
+    return plot_edge_heatmap(summary_at(_clipr_of(run), tau=tau, hdi_prob=hdi_prob), ax=ax)
 
 
 def forest(run, *, top: int = 20, hdi_prob: float | None = None, ax: Axes | None = None) -> Axes:
     """The ``top`` most probable edges of a run or run folder with their intervals (``plot_forest``)."""
     clipr = _clipr_of(run)
-    summary = _summary(clipr, None, hdi_prob)
+    summary = summary_at(clipr, hdi_prob=hdi_prob)
     return plot_forest(clipr["posterior"].to_dataset(), summary_to_table(summary), top=top,
                        hdi_prob=summary.attrs.get("hdi_prob", 0.9), ax=ax)
 
@@ -208,7 +199,7 @@ def forest(run, *, top: int = 20, hdi_prob: float | None = None, ax: Axes | None
 def network(run, *, prob_threshold: float = 0.9, tau: float | None = None, ax: Axes | None = None) -> Axes:
     """The causal network of a run or run folder: edges with ``prob_edge >= prob_threshold``
     (``plot_network``)."""
-    summary = _summary(_clipr_of(run), tau, None)
+    summary = summary_at(_clipr_of(run), tau=tau)
     return plot_network(summary_to_table(summary), [str(g) for g in summary["source"].values],
                         prob_threshold=prob_threshold, ax=ax)
 

@@ -340,6 +340,16 @@ def edge_table(effects, *, tau: float | None = None, hdi_prob: float = 0.9) -> p
     return summary_to_table(summary)
 
 
+def summary_at(clipr: xr.DataTree, *, tau: float | None = None, hdi_prob: float | None = None) -> xr.Dataset:
+    """The edge summary of a CLIPR tree (``clipr_posterior``): the stored one, or one recomputed
+    from its effect draws at another ``tau`` or ``hdi_prob``."""
+    summary = clipr["edges"].to_dataset()
+    if tau is None and (hdi_prob is None or hdi_prob == summary.attrs.get("hdi_prob")):
+        return summary
+    return edge_summary(clipr["posterior"].to_dataset(), tau=tau,
+                        hdi_prob=summary.attrs.get("hdi_prob", 0.9) if hdi_prob is None else hdi_prob)
+
+
 def summary_to_table(summary: xr.Dataset) -> pd.DataFrame:
     """The (source, target) summary from ``edge_summary`` as the sorted long table."""
     table = summary.transpose("source", "target").to_dataframe().reset_index()
