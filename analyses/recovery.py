@@ -11,7 +11,7 @@ CLIPR on every posterior draw and scores against the true effect matrix:
 
 Writes ``results/recovery.json`` and ``results/recovery.png``.
 Run: ``uv run python analyses/recovery.py [--genes 20 100] [--fractions 0.3 0.5 1.0] [--seed 0 1 2]
-[--set fit.steps=12000] [--keep DIR]``.
+[--set fit.steps=12000] [--sim-link exp] [--library-sizes panel] [--keep DIR]``.
 """
 from __future__ import annotations
 
@@ -130,15 +130,17 @@ def main(args):
             for fraction in args.fractions:
                 for seed in args.seed:
                     adata = simulate(genes, n_perturbed=fraction, cells_per_condition=args.cells,
-                                     likelihood=likelihood, seed=seed)
+                                     likelihood=likelihood, link=args.sim_link, seed=seed)
                     truth = truth_from_uns(adata)["effect"]
                     start = time.perf_counter()
                     with tempfile.TemporaryDirectory() as tmp:
                         folder = Path(args.keep or tmp) / f"run_d{genes}_{likelihood}_{fraction}_seed{seed}"
                         run = fit(adata, folder, config=config, likelihood=likelihood, seed=seed,
-                                  size_factor_key=LIBRARY_SIZE_KEY, progress=False)
+                                  size_factor_key=LIBRARY_SIZE_KEY if args.library_sizes == "given" else None,
+                                  progress=False)
                         row = {"genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
-                               "seed": seed, "guide": config.fit.resolved_guide(genes), "refine": run.config.fit.refine,
+                               "seed": seed, "sim_link": args.sim_link, "link": run.config.model.link,
+                               "library_sizes": args.library_sizes, "guide": config.fit.resolved_guide(genes), "refine": run.config.fit.refine,
                                "steps": int(run.fit.losses.size),
                                "overrides": args.set, "final_loss": float(np.median(run.fit.losses[-200:])),
                                **score(folder, truth), **refinement_record(run.posterior["posterior"].attrs),
@@ -169,6 +171,11 @@ if __name__ == "__main__":
     parser.add_argument("--guide", default=None, help="override [fit] guide: mean_field | low_rank | row_block")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the model TOML, e.g. --set fit.steps=12000 model.interaction_global_scale=0.3")
+    parser.add_argument("--sim-link", choices=("softplus", "exp"), default="softplus",
+                        help="the simulator's count link (count likelihoods); the fit's is [model] link")
+    parser.add_argument("--library-sizes", choices=("given", "panel"), default="given",
+                        help="given: the fit is told the simulated library sizes; panel: it estimates them "
+                             "from the panel's totals, as for a real screen without whole-transcriptome totals")
     parser.add_argument("--out", default="results/recovery.json")
     parser.add_argument("--keep", default=None, metavar="DIR",
                         help="keep each fitted run folder under DIR (to inspect the posterior), not in a temporary one")

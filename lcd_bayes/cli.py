@@ -29,6 +29,8 @@ def _add_simulate(sub):
     p.add_argument("--doubles", type=int, default=0, help="random double perturbations of perturbed genes")
     p.add_argument("--cells-per-perturbation", type=int, default=200, help="cells per condition (and control)")
     p.add_argument("--likelihood", choices=("nb", "poisson", "gaussian"), default="nb")
+    p.add_argument("--link", choices=("softplus", "exp"), default="softplus",
+                   help="expected count = size factor x link(latent) x gene scale (count likelihoods)")
     p.add_argument("--expected-degree", type=float, default=10.0)
     p.add_argument("--drift", choices=("linear", "nonlinear"), default="linear",
                    help="latent drift family: nonlinear saturates regulation, so doubles do not add up")
@@ -43,7 +45,7 @@ def _simulate(args):
     adata = simulate(
         args.genes, n_perturbed=args.perturbations, n_doubles=args.doubles,
         cells_per_condition=args.cells_per_perturbation, likelihood=args.likelihood,
-        expected_degree=args.expected_degree, drift=args.drift, seed=args.seed,
+        link=args.link, expected_degree=args.expected_degree, drift=args.drift, seed=args.seed,
     )
     adata.write_h5ad(args.out)
     print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "

@@ -209,6 +209,22 @@ def test_nb_is_overdispersed_relative_to_poisson():
     assert ratios["nb"] > ratios["poisson"]
 
 
+@pytest.mark.parametrize("link", ["softplus", "exp"])
+def test_expected_counts_follow_the_link(link):
+    """E[y_g] = E[s] u_g E[link(x_g)] with x ~ N(mu, Sigma): the link the data were drawn through."""
+    adata = simulate(4, n_perturbed=1, cells_per_condition=20000, likelihood="poisson", link=link,
+                     size_factor_sd=0.0, seed=3)
+    truth = truth_from_uns(adata)
+    mean, sd = truth["control_mean"], np.sqrt(np.diag(truth["covariance"]))
+    nodes, weights = np.polynomial.hermite_e.hermegauss(40)
+    x = mean[:, None] + sd[:, None] * nodes
+    rate = np.exp(x) if link == "exp" else np.logaddexp(0.0, x)
+    expected = truth["gene_scale"] * (rate @ weights) / weights.sum()
+    observed = adata.layers["counts"][_condition_rows(adata, "ctrl")].mean(axis=0)
+    np.testing.assert_allclose(observed, expected, rtol=0.05)
+    assert ("link" in adata.uns["lcd_simulation"]) == (link != "softplus")
+
+
 # --- storage -----------------------------------------------------------------
 
 
@@ -257,6 +273,7 @@ def test_truth_from_uns_without_truth():
         (dict(n_doubles=-1), "n_doubles"),
         (dict(likelihood="zinb"), "likelihood"),
         (dict(shift_sign="up"), "shift_sign"),
+        (dict(link="log"), "link"),
         (dict(n_perturbed=0), "n_perturbed"),
         (dict(n_genes=4, n_perturbed=5), "n_perturbed"),
         (dict(n_perturbed=1.5), "n_perturbed"),

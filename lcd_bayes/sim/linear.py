@@ -53,6 +53,7 @@ CONTROL_LABEL = "ctrl"
 # ``fit(..., size_factor_key=LIBRARY_SIZE_KEY)`` (continuous fits ignore it).
 LIBRARY_SIZE_KEY = "size_factor"
 LIKELIHOODS = ("nb", "poisson", "gaussian")
+LINKS = ("softplus", "exp")  # expression rate of a latent state, per unit size factor and gene scale
 SHIFT_SIGNS = ("random", "positive", "negative")
 DRIFTS = ("linear", "nonlinear")
 # Default on-target shift magnitudes per drift family. The nonlinear family's decay is
@@ -328,6 +329,7 @@ def _softplus(x: np.ndarray) -> np.ndarray:
 def _observe_counts(
     latent: np.ndarray,
     likelihood: str,
+    link: str,
     mean_count: float,
     size_factor_sd: float,
     rng: np.random.Generator,
@@ -339,6 +341,7 @@ def _observe_counts(
     latent : numpy.ndarray, shape (cells, genes)
         Latent states ``x``.
     likelihood : {"nb", "poisson"}
+    link : {"softplus", "exp"}
     mean_count, size_factor_sd : float
         Median gene scale and log-sd of the size factors.
     rng : numpy.random.Generator
@@ -355,7 +358,8 @@ def _observe_counts(
     size_factor = rng.lognormal(0.0, size_factor_sd, size=n_cells)
     gene_scale = rng.lognormal(np.log(mean_count), _GENE_SCALE_LOG_SD, size=d)
     concentration = rng.lognormal(_CONCENTRATION_LOG_MEAN, _CONCENTRATION_LOG_SD, size=d)
-    mean = size_factor[:, None] * _softplus(latent) * gene_scale[None, :]
+    rate = _softplus(latent) if link == "softplus" else np.exp(latent)
+    mean = size_factor[:, None] * rate * gene_scale[None, :]
     if likelihood == "nb":
         # Gamma-Poisson mixture: mean m, variance m + m^2 / phi.
         rate = rng.gamma(shape=concentration[None, :], scale=mean / concentration[None, :])
@@ -453,6 +457,7 @@ def simulate(
     shift_sign: str = "random",
     margin: float = 1.0,
     likelihood: str = "nb",
+    link: str = "softplus",
     noise_sd: float = 0.1,
     mean_count: float = 10.0,
     size_factor_sd: float = 0.3,
@@ -491,6 +496,11 @@ def simulate(
         Observation model. Count likelihoods store integer counts in
         ``layers["counts"]`` and, as float32, in ``X``; "gaussian" stores
         ``x + N(0, noise_sd^2)`` in ``X``.
+    link : {"softplus", "exp"}
+        How a latent state sets the expected count (count likelihoods):
+        ``size_factor * link(x) * gene_scale``. "softplus" (default) is the Latent Causal
+        Diffusions paper's protocol; "exp" makes ``x`` log expression, so that a latent move
+        of 1 is an e-fold change (the fitted model's default link).
     noise_sd : float
         Gaussian observation noise (``likelihood="gaussian"`` only).
     mean_count : float
@@ -540,6 +550,8 @@ def simulate(
     weight_range = _as_range("weight_range", weight_range)
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}; got {likelihood!r}")
+    if link not in LINKS:
+        raise ValueError(f"link must be one of {LINKS}; got {link!r}")
     if shift_sign not in SHIFT_SIGNS:
         raise ValueError(f"shift_sign must be one of {SHIFT_SIGNS}; got {shift_sign!r}")
     noise_sd = _as_float("noise_sd", noise_sd)
@@ -614,7 +626,7 @@ def simulate(
     if likelihood == "gaussian":
         X = latent + noise_sd * rng_obs.standard_normal(latent.shape)
     else:
-        counts, params = _observe_counts(latent, likelihood, mean_count, size_factor_sd, rng_obs)
+        counts, params = _observe_counts(latent, likelihood, link, mean_count, size_factor_sd, rng_obs)
         X = counts
         layers["counts"] = counts
         obs[LIBRARY_SIZE_KEY] = params["size_factor"]
@@ -643,6 +655,8 @@ def simulate(
     if drift == "nonlinear":
         # Recorded only for the nonlinear family, so linear runs record what they always did.
         arguments.update(drift=drift, saturation=saturation)
+    if link != "softplus":
+        arguments.update(link=link)  # likewise: softplus runs record what they always did
     # h5ad cannot store None; omitting it makes simulate(**arguments) use the default.
     arguments = {key: value for key, value in arguments.items() if value is not None}
 
