@@ -11,8 +11,9 @@ Two settings:
   other fold's doubles.
 * **norman19**: the Norman et al. 2019 subset of ``perturbench_devel.h5ad``. Test set: the five
   doubles whose singles are present (KLF1+MAP2K6, KLF1+TGFBR2, MAP2K3+MAP2K6, MAP2K3+SLC38A2,
-  MAPK1+TGFBR2); training: every other cell. The model uses the ``--genes`` most variable genes
-  and the default configuration: nothing is tuned on the test doubles.
+  MAPK1+TGFBR2); training: every other cell. The model uses a ``--genes``-gene panel chosen on
+  the training cells (targets, then the most responsive genes: ``lcd_bayes.io.genes``) and the
+  default configuration: nothing is tuned on the test doubles.
 
 Every method predicts as many cells per condition as were observed; all are scored by
 ``lcd_bayes.analysis.evaluation`` (energy distance, MMD, Pearson delta over all and top-20 DE genes,
@@ -169,7 +170,7 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="perturbench_devel.h5ad (the Norman 2019 subset is scored)")
-    parser.add_argument("--genes", type=int, default=100, help="most variable genes modelled on norman19")
+    parser.add_argument("--genes", type=int, default=100, help="genes modelled on norman19 (n_top_genes)")
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--config", nargs="+", default=[None],
                         help="model configurations, shipped names or TOML files, one LCD fit each (default: "

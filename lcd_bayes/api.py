@@ -149,9 +149,11 @@ def fit(adata: anndata.AnnData | str | Path, out: str | Path | None = None, **se
     resumes from its checkpoint when called again). ``settings`` are ``lcd_bayes.run.fit``'s:
     ``config`` (a shipped configuration's name, a TOML file or a ``RunConfig``),
     ``perturbation_key``, ``control``, ``sep``, ``targets``, ``likelihood`` ("nb", "poisson",
-    "gaussian"), ``layer``, ``genes``, ``n_top_genes``, ``total_counts_key``,
-    ``size_factor_key``, ``steps``, ``seed``, ``refine`` ("auto", "laplace", "nuts", "none"),
-    ``progress``.
+    "gaussian"), ``layer``, ``genes``, ``n_top_genes``, ``gene_ranking`` ("response",
+    "variance", "dispersion"), ``predict_targets`` (conditions to predict, whose targets join the
+    ``n_top_genes`` panel first), ``total_counts_key``, ``size_factor_key``, ``steps``, ``seed``,
+    ``refine`` ("auto", "laplace", "nuts", "none"), ``progress``. With ``n_top_genes`` pass the
+    training cells only: the panel is ranked on every cell given.
     """
     fitted = fit_to_folder(adata, out, **settings)
     return Run(fitted.posterior, fitted.config, data_record(fitted.data), fitted.folder)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import REFINEMENTS
+from .config import GENE_RANKINGS, REFINEMENTS
 
 # JAX runs on a GPU when its CUDA build is installed (`lcd-bayes[gpu]`), else on the CPU;
 # JAX_PLATFORMS=cpu forces the CPU.
@@ -75,7 +75,17 @@ def _add_fit(sub):
     p.add_argument("--layer", default=None, help="layer with raw counts (default: layers['counts'] or X)")
     p.add_argument("--steps", type=int, default=None, help="maximum SVI steps (default: the config's)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
-    p.add_argument("--n-top-genes", type=int, default=None, help="model only this many variable genes (+ perturbed)")
+    p.add_argument("--n-top-genes", type=int, default=None,
+                   help="model at most this many genes: the targets of --predict-targets, then those of the "
+                        "training labels, then the best by --gene-ranking on the cells of DATA (pass training "
+                        "cells only)")
+    p.add_argument("--gene-ranking", choices=GENE_RANKINGS, default=None,
+                   help="how --n-top-genes ranks genes after the targets: 'response' (largest standardized shift "
+                        "of any condition against the control), 'variance' of log1p-normalized expression, "
+                        "'dispersion' (scanpy's seurat flavour); default: the config's, 'response'")
+    p.add_argument("--predict-targets", default=None, metavar="A+B,C",
+                   help="conditions you will predict (no cells needed): their target genes join the "
+                        "--n-top-genes panel first")
     p.add_argument("--total-counts-key", default=None,
                    help="X is log1p-normalized: convert to counts with this obs column of total counts")
     p.add_argument("--size-factor-key", default=None,
@@ -97,7 +107,8 @@ def _fit(args):
     run = fit(
         args.data, args.out, config=args.config, perturbation_key=args.perturbation_key, control=args.control,
         sep=args.sep, targets=args.targets, likelihood=args.likelihood, layer=args.layer, steps=args.steps,
-        seed=args.seed, n_top_genes=args.n_top_genes, total_counts_key=args.total_counts_key,
+        seed=args.seed, n_top_genes=args.n_top_genes, gene_ranking=args.gene_ranking,
+        predict_targets=args.predict_targets, total_counts_key=args.total_counts_key,
         size_factor_key=args.size_factor_key, refine=args.refine,
         progress=not args.no_progress,
     )

@@ -29,6 +29,14 @@ ROW_BLOCK_MAX_GENES = 100
 # solve each) up to this many.
 GAUSSIAN_FULL_BATCH = 16384
 DRIFTS = ("linear", "nonlinear")
+# How n_top_genes ranks the genes after the targets (lcd_bayes.io.genes). "response" by default:
+# the drift's effects are identified by how genes answer the perturbations, and predictions are
+# scored on the genes that respond (top-DE Pearson delta); the most variable genes of a screen
+# are often variable in the control cells too (cell cycle, stress, ribosomal genes) without
+# answering any perturbation. "variance" and "dispersion" (scanpy's seurat flavour) are the
+# highly-variable-gene choices of other perturbation models.
+GENE_RANKINGS = ("response", "variance", "dispersion")
+DEFAULT_GENE_RANKING = "response"
 NOISE_KINDS = ("gaussian", "rademacher")  # increments of the particle simulation
 
 
@@ -310,8 +318,10 @@ class DataConfig:
     that a run's ``config.toml`` repeats the fit from the same file; ``fit``'s arguments override it.
 
     ``None`` (absent from the TOML, which has no null) means "not given": the reader's default.
-    ``genes`` is stored as a tuple and ``targets`` as ``((label, (gene, ...)), ...)`` so that the
-    configuration stays hashable; ``target_map()`` gives the ``{label: [gene, ...]}`` dict.
+    ``genes`` and ``predict_targets`` are stored as tuples and ``targets`` as
+    ``((label, (gene, ...)), ...)`` so that the configuration stays hashable; ``target_map()``
+    gives the ``{label: [gene, ...]}`` dict. ``gene_ranking`` and ``predict_targets`` shape the
+    ``n_top_genes`` panel (``lcd_bayes.io.genes``).
     """
 
     perturbation_key: str = "condition"
@@ -321,6 +331,8 @@ class DataConfig:
     size_factor_key: str | None = None
     total_counts_key: str | None = None
     n_top_genes: int | None = None
+    gene_ranking: str = DEFAULT_GENE_RANKING
+    predict_targets: tuple[str, ...] | None = None  # labels of conditions to predict: their targets first
     genes: tuple[str, ...] | None = None
     targets: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
@@ -339,6 +351,14 @@ class DataConfig:
             if count < 1:
                 raise ValueError(f"[data] n_top_genes must be a positive integer, got {self.n_top_genes!r}")
             object.__setattr__(self, "n_top_genes", count)
+        if self.gene_ranking not in GENE_RANKINGS:
+            raise ValueError(f"[data] gene_ranking must be one of {GENE_RANKINGS}, got {self.gene_ranking!r}")
+        if self.predict_targets is not None:
+            labels = self.predict_targets.split(",") if isinstance(self.predict_targets, str) else self.predict_targets
+            if not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
+                raise ValueError('[data] predict_targets must be a list of condition labels, e.g. ["A+B", "C"], '
+                                 f"got {self.predict_targets!r}")
+            object.__setattr__(self, "predict_targets", tuple(label.strip() for label in labels if label.strip()))
         if self.genes is not None:
             if isinstance(self.genes, str) or not all(isinstance(g, str) for g in self.genes):
                 raise ValueError(f'[data] genes must be a list of gene names, e.g. ["GATA1", "KLF1"], got {self.genes!r}')
@@ -363,6 +383,7 @@ class DataConfig:
         """The settings given (None left out), lists and dicts as a TOML or JSON file holds them."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["genes"] = None if self.genes is None else list(self.genes)
+        values["predict_targets"] = None if self.predict_targets is None else list(self.predict_targets)
         values["targets"] = self.target_map()
         return {name: value for name, value in values.items() if value is not None}
 

@@ -46,6 +46,21 @@ def structure_of(data: PerturbationData, config: RunConfig) -> Structure:
     return Structure(data.design, data.targets, center.astype(np.float32), data.n_cells)
 
 
+def read_screen(adata: anndata.AnnData, config: RunConfig) -> PerturbationData:
+    """The screen as ``config``'s ``[data]`` section (and its likelihood) reads it: what a run's
+    ``config.toml`` repeats, the gene panel included."""
+    reading = config.data
+    return load_perturbation_data(
+        adata, perturbation_key=reading.perturbation_key, control=reading.control, sep=reading.sep,
+        layer=reading.layer, targets=reading.target_map(),
+        genes=None if reading.genes is None else list(reading.genes), n_top_genes=reading.n_top_genes,
+        gene_ranking=reading.gene_ranking,
+        predict_targets=None if reading.predict_targets is None else list(reading.predict_targets),
+        continuous=config.model.likelihood == "gaussian",
+        total_counts_key=reading.total_counts_key, size_factor_key=reading.size_factor_key,
+    )
+
+
 def _fingerprint(data: PerturbationData, config: RunConfig) -> str:
     """What a checkpoint must match to be resumed: the settings and every array the fit sees (the
     size factors too: other library sizes are other data)."""
@@ -70,6 +85,8 @@ def fit(
     seed: int | None = None,
     genes: list[str] | None = None,
     n_top_genes: int | None = None,
+    gene_ranking: str | None = None,
+    predict_targets: list[str] | str | None = None,
     total_counts_key: str | None = None,
     size_factor_key: str | None = None,
     refine: str | None = None,
@@ -82,10 +99,13 @@ def fit(
     ``RunConfig``, a TOML file (a run's ``config.toml`` repeats that run) or a shipped
     configuration's name (``lcd_linear``, the default, or ``lcd_nonlinear``). Arguments left as
     ``None`` take the configuration's values: ``perturbation_key``, ``control``, ``sep``,
-    ``targets``, ``layer``, ``genes``, ``n_top_genes``, ``total_counts_key`` and
-    ``size_factor_key`` its ``[data]`` section (defaults ``"condition"``, ``"ctrl"``, ``"+"``,
-    the rest unset; see ``lcd_bayes.io.screen.load_perturbation_data``), the others ``[model]``
-    and ``[fit]``. The settings used are recorded in the returned (and written) configuration.
+    ``targets``, ``layer``, ``genes``, ``n_top_genes``, ``gene_ranking``, ``predict_targets``,
+    ``total_counts_key`` and ``size_factor_key`` its ``[data]`` section (defaults
+    ``"condition"``, ``"ctrl"``, ``"+"``, ranking ``"response"``, the rest unset; see
+    ``lcd_bayes.io.screen.load_perturbation_data``), the others ``[model]`` and ``[fit]``. With
+    ``n_top_genes`` pass the training cells only: the panel is ranked on every cell of ``adata``;
+    ``predict_targets`` (``"A+B,C"`` or a list) names the conditions to predict, whose targets
+    join the panel first. The settings used are recorded in the returned (and written) configuration.
     ``refine="laplace"`` replaces the guide's draws by the Laplace approximation near the guide's
     mean, ``refine="nuts"`` by a NUTS chain on the same program, both in the coordinates the fitted
     guide whitens (``lcd_bayes.inference.refine``): slower, but their intervals are calibrated where
@@ -99,19 +119,13 @@ def fit(
     run_config = run_config.replace(
         model={"likelihood": likelihood}, fit={"steps": steps, "seed": seed, "refine": refine},
         data={"perturbation_key": perturbation_key, "control": control, "sep": sep, "layer": layer,
-              "targets": targets, "genes": genes, "n_top_genes": n_top_genes,
-              "total_counts_key": total_counts_key, "size_factor_key": size_factor_key},
+              "targets": targets, "genes": genes, "n_top_genes": n_top_genes, "gene_ranking": gene_ranking,
+              "predict_targets": predict_targets, "total_counts_key": total_counts_key,
+              "size_factor_key": size_factor_key},
     )
     if isinstance(adata, (str, Path)):
         adata = read_h5ad(adata)
-    reading = run_config.data
-    data = load_perturbation_data(
-        adata, perturbation_key=reading.perturbation_key, control=reading.control, sep=reading.sep,
-        layer=reading.layer, targets=reading.target_map(),
-        genes=None if reading.genes is None else list(reading.genes), n_top_genes=reading.n_top_genes,
-        continuous=run_config.model.likelihood == "gaussian",
-        total_counts_key=reading.total_counts_key, size_factor_key=reading.size_factor_key,
-    )
+    data = read_screen(adata, run_config)
     if progress:
         print(summarize(data), flush=True)
     run_config = run_config.replace(fit=dataclasses.asdict(run_config.fit.resolved(run_config.model.likelihood,

@@ -21,6 +21,25 @@ def test_fit_flags_match_the_contract():
         assert hasattr(fit_help, flag), flag
 
 
+def test_gene_panel_options_reach_the_fit(monkeypatch, tmp_path):
+    import lcd_bayes.api
+    import lcd_bayes.cli
+
+    parser = build_parser()
+    args = parser.parse_args(["fit", "x.h5ad", "--out", "r", "--n-top-genes", "50", "--gene-ranking", "variance",
+                              "--predict-targets", "A+B,C"])
+    assert (args.n_top_genes, args.gene_ranking, args.predict_targets) == (50, "variance", "A+B,C")
+    assert parser.parse_args(["fit", "x.h5ad", "--out", "r"]).gene_ranking is None  # the config's ("response")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fit", "x.h5ad", "--out", "r", "--gene-ranking", "hvg"])
+    seen = {}
+    monkeypatch.setattr(lcd_bayes.api, "fit", lambda data, out, **settings: seen.update(settings))
+    monkeypatch.setattr(lcd_bayes.cli, "_print_fit", lambda run: None)
+    assert main(["fit", "x.h5ad", "--out", str(tmp_path / "r"), "--n-top-genes", "50", "--gene-ranking",
+                 "dispersion", "--predict-targets", "A+B,C"]) == 0
+    assert (seen["n_top_genes"], seen["gene_ranking"], seen["predict_targets"]) == (50, "dispersion", "A+B,C")
+
+
 def test_refine_is_a_fit_and_demo_choice():
     parser = build_parser()
     assert parser.parse_args(["fit", "x.h5ad", "--out", "r", "--refine", "laplace"]).refine == "laplace"

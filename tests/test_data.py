@@ -150,12 +150,18 @@ def test_size_factors_use_all_genes():
     np.testing.assert_allclose(data.size_factor, totals / np.median(totals), rtol=1e-6)
 
 
-def test_n_top_genes_includes_perturbed_genes():
+def test_n_top_genes_counts_the_perturbed_genes_in_the_panel():
     adata = make_adata()
     adata.X[:, GENES.index("A")] = 3.0  # zero variance: only kept because it is perturbed
     adata.X[:, GENES.index("G5")] = np.arange(adata.n_obs) * 10.0  # clearly the most variable
-    data = load_perturbation_data(adata, n_top_genes=1)
+    # The targets take 2 of the 3 places; the most variable gene the third.
+    data = load_perturbation_data(adata, n_top_genes=3, gene_ranking="variance")
     assert data.genes == ("A", "B", "G5")
+    # Fewer places than targets: the panel keeps its size and says which target it left out.
+    # A, which does not vary, ranks below B and is the one left out.
+    with pytest.warns(LcdBayesWarning, match="1 targets are left out: A"):
+        data = load_perturbation_data(adata, n_top_genes=1, gene_ranking="variance", min_genes=1)
+    assert data.genes == ("B",)
 
 
 def test_continuous_values_used_as_they_are():
@@ -194,7 +200,9 @@ def test_summarize():
     text = summarize(load_perturbation_data(make_adata()))
     assert "20 cells x 6 genes" in text
     assert "2 singles, 1 doubles" in text
-    assert "2 labels with modelled targets" in text
+    assert "2 of 2 labels have a modelled target ('A', 'B')" in text and "off-target" not in text
+    text = summarize(load_perturbation_data(make_adata(labels=["ctrl", "A", "sgX", "A+sgX"])))
+    assert "1 of 2 labels have a modelled target ('A'); the other 1 are modelled through off-target shifts" in text
 
 
 # --------------------------------------------------------------------------- errors

@@ -7,7 +7,7 @@ import pytest
 
 from lcd_bayes.config import RunConfig, load_config
 from lcd_bayes.io.screen import load_perturbation_data
-from lcd_bayes.run import _fingerprint, fit
+from lcd_bayes.run import _fingerprint, fit, read_screen
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
 
 TINY = RunConfig().replace(
@@ -34,6 +34,25 @@ def test_data_settings_are_checked():
         RunConfig().replace(data={"genes": "G1"})
     with pytest.raises(ValueError, match=r"unknown keys in \[data\]"):
         RunConfig.from_dict({"data": {"size_factors": "x"}})
+
+
+def test_gene_panel_settings_round_trip_and_repeat_the_panel():
+    assert 'gene_ranking = "response"' in RunConfig().to_toml()  # the default is recorded too
+    config = TINY.replace(data={"n_top_genes": 6, "gene_ranking": "variance", "predict_targets": "G0+G4, G1"})
+    assert config.data.predict_targets == ("G0+G4", "G1")  # the command line's comma-separated form
+    raw = tomllib.loads(config.to_toml())
+    assert raw["data"]["gene_ranking"] == "variance" and raw["data"]["predict_targets"] == ["G0+G4", "G1"]
+    again = RunConfig.from_dict(raw)
+    assert again == config
+    adata = simulate(8, n_perturbed=3, cells_per_condition=20, likelihood="nb", seed=0)  # G2, G3, G4 perturbed
+    panel = read_screen(adata, config).genes
+    assert read_screen(adata, again).genes == panel
+    # G0 and G1 have no cells but will be predicted; G4 is a target both ways; one place is ranked.
+    assert len(panel) == 6 and {"G0", "G1", "G2", "G3", "G4"} <= set(panel)
+    with pytest.raises(ValueError, match="gene_ranking must be one of"):
+        RunConfig().replace(data={"gene_ranking": "hvg"})
+    with pytest.raises(ValueError, match="predict_targets must be a list of condition labels"):
+        RunConfig().replace(data={"predict_targets": [1, 2]})
 
 
 def test_checkpoint_fingerprint_covers_the_size_factors():

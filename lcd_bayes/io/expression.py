@@ -18,16 +18,11 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from .screen import DataError, as_matrix, convert_lognorm, few, validate_counts
+from .screen import DataError, as_matrix, convert_lognorm, few, label_parts, validate_counts
 
 UNS_KEY = "lcd_bayes"
 SPACES = ("counts", "log1p_normalized")
 TARGET_SUM = 1e4
-
-
-def label_parts(label: str, control: str, sep: str) -> tuple[str, ...]:
-    """The single perturbations of a label, sorted; ``()`` for the control ("A+ctrl" is "A")."""
-    return tuple(sorted({part.strip() for part in str(label).split(sep) if part.strip() and part.strip() != control}))
 
 
 def canonical_label(label: str, control: str, sep: str) -> str:

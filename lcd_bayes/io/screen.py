@@ -17,11 +17,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ..config import DEFAULT_GENE_RANKING, GENE_RANKINGS
 from ..diagnostics import LcdBayesWarning
+from .genes import select_genes
 
 __all__ = [
     "DataError",
     "PerturbationData",
+    "label_parts",
     "load_perturbation_data",
     "read_targets",
     "summarize",
@@ -109,6 +112,11 @@ def few(names, limit: int = 8) -> str:
     if len(names) > limit:
         shown += f", ... ({len(names) - limit} more)"
     return shown
+
+
+def label_parts(label: str, control: str, sep: str) -> tuple[str, ...]:
+    """The single perturbations of a label, sorted; ``()`` for the control ("A+ctrl" is "A")."""
+    return tuple(sorted({part.strip() for part in str(label).split(sep) if part.strip() and part.strip() != control}))
 
 
 def _close(name: str, candidates, n: int = 3) -> str:
@@ -270,7 +278,7 @@ def read_targets(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def _check_arguments(
-    adata, perturbation_key, control, sep, genes, n_top_genes, continuous, total_counts_key,
+    adata, perturbation_key, control, sep, genes, n_top_genes, gene_ranking, continuous, total_counts_key,
     target_sum, min_cells_per_condition, min_genes,
 ) -> None:
     """Reject bad argument combinations before touching the data."""
@@ -295,6 +303,13 @@ def _check_arguments(
         isinstance(n_top_genes, bool) or not isinstance(n_top_genes, (int, np.integer)) or n_top_genes < 1
     ):
         raise DataError(f"n_top_genes must be a positive integer or None, got {n_top_genes!r}.")
+    if gene_ranking not in GENE_RANKINGS:
+        raise DataError(f"gene_ranking must be one of {GENE_RANKINGS}, got {gene_ranking!r}.")
+    if gene_ranking == "dispersion" and continuous:
+        raise DataError(
+            'gene_ranking="dispersion" ranks counts (variance over mean of normalized counts); with '
+            'continuous values rank by "variance" or "response".'
+        )
     if not np.isfinite(target_sum) or target_sum <= 0:
         raise DataError(f"target_sum must be a positive number, got {target_sum!r}.")
     if min_cells_per_condition < 1 or min_genes < 1:
@@ -579,15 +594,30 @@ def _resolve_genes(var_names: list[str], genes) -> list[int] | None:
     return [position[g] for g in requested]
 
 
-def _resolve_target_names(perturbations, mapping, var_set: set[str], var_names) -> dict[str, list[str]]:
-    """Target gene names (in var_names) of each perturbation label, defaults overridden by `mapping`."""
-    unknown_labels = [label for label in mapping if label not in set(perturbations)]
+def _requested_labels(predict_targets, control: str, sep: str) -> list[str]:
+    """The single labels of the conditions to predict, in the order given, each once."""
+    if predict_targets is None:
+        return []
+    if isinstance(predict_targets, str):
+        predict_targets = predict_targets.split(",")
+    if not isinstance(predict_targets, (list, tuple)) or not all(isinstance(c, str) for c in predict_targets):
+        raise DataError(
+            f'predict_targets must be a list of condition labels such as ["A{sep}B", "C"] (or the string '
+            f'"A{sep}B,C"), got {predict_targets!r}.'
+        )
+    return list(dict.fromkeys(part for label in predict_targets for part in label_parts(label, control, sep)))
+
+
+def _resolve_target_names(labels, mapping, var_set: set[str], var_names) -> dict[str, list[str]]:
+    """Target gene names (in var_names) of each label, trained or to be predicted; defaults
+    overridden by `mapping`."""
+    unknown_labels = [label for label in mapping if label not in set(labels)]
     if unknown_labels:
-        hints = _suggestions(unknown_labels, perturbations)
+        hints = _suggestions(unknown_labels, labels)
         raise DataError(
             f"the targets mapping names {len(unknown_labels)} labels that are not perturbation labels "
-            f"in the data: {few(unknown_labels)}.{hints}\nPerturbation labels in the data include "
-            f"{few(perturbations)}; remove the others from the mapping."
+            f"in the data (nor labels of predict_targets): {few(unknown_labels)}.{hints}\nPerturbation labels "
+            f"in the data include {few(labels)}; remove the others from the mapping."
         )
     missing = [(label, g) for label, genes in mapping.items() for g in genes if g not in var_set]
     if missing:
@@ -598,7 +628,7 @@ def _resolve_target_names(perturbations, mapping, var_set: set[str], var_names) 
             f"{listed}.{hints}\nCheck the spelling and gene identifier type, or remove them from the mapping."
         )
     names = {}
-    for label in perturbations:
+    for label in labels:
         if label in mapping:
             names[label] = list(dict.fromkeys(mapping[label]))
         else:
@@ -622,33 +652,6 @@ def _positive_obs_column(adata, key: str, argument: str) -> np.ndarray:
     return values
 
 
-def _gene_variance(matrix, size_factor: np.ndarray | None) -> np.ndarray:
-    """Per-gene variance of log1p(counts / size_factor), or of the values when size_factor is None.
-
-    Returns
-    -------
-    np.ndarray, shape (genes,), float64
-    """
-    n_cells = matrix.shape[0]
-    if sp.issparse(matrix):
-        values = matrix.data.astype(np.float64)
-        if size_factor is not None:
-            # log1p(0 / s) = 0, so only stored entries change.
-            values = np.log1p(values / size_factor[_row_of_entry(matrix)])
-        total = np.bincount(matrix.indices, weights=values, minlength=matrix.shape[1])
-        square = np.bincount(matrix.indices, weights=values * values, minlength=matrix.shape[1])
-        mean = total / n_cells
-        return np.maximum(square / n_cells - mean * mean, 0.0)
-    variance = np.empty(matrix.shape[1])
-    columns = max(1, _BLOCK_ENTRIES // max(1, n_cells))
-    for start in range(0, matrix.shape[1], columns):
-        block = np.asarray(matrix[:, start : start + columns], dtype=np.float64)
-        if size_factor is not None:
-            block = np.log1p(block / size_factor[:, None])
-        variance[start : start + columns] = block.var(axis=0)
-    return variance
-
-
 # --------------------------------------------------------------------------- public loader
 
 
@@ -662,6 +665,8 @@ def load_perturbation_data(
     targets: dict[str, list[str]] | str | os.PathLike | None = None,
     genes=None,
     n_top_genes: int | None = None,
+    gene_ranking: str = DEFAULT_GENE_RANKING,
+    predict_targets=None,
     continuous: bool = False,
     total_counts_key: str | None = None,
     size_factor_key: str | None = None,
@@ -691,8 +696,20 @@ def load_perturbation_data(
     genes : list of str, optional
         Genes to model, in this order. Default: all genes (or ``n_top_genes``).
     n_top_genes : int, optional
-        Model the most variable genes (variance of log1p(counts / size factor), or of the
-        values when continuous) plus every on-target gene in var_names.
+        Model at most this many genes (``lcd_bayes.io.genes.select_genes``): the targets of
+        ``predict_targets``, then those of the labels in the data, then the best genes by
+        ``gene_ranking``, computed on the cells of ``adata``. Pass the training cells only:
+        held-out cells would choose the panel by their own responses. Targets beyond
+        ``n_top_genes`` are left out with a warning (their labels keep off-target shifts).
+    gene_ranking : {"response", "variance", "dispersion"}
+        How ``n_top_genes`` ranks the genes after the targets: the largest standardized shift of
+        any condition against the control (default), the variance of log1p(counts / size factor)
+        (of the values when continuous), or scanpy's seurat-flavour normalized dispersion (counts).
+    predict_targets : list of str or str, optional
+        Conditions you will predict later (``["A+B", "C"]`` or ``"A+B,C"``), which need no
+        cells here: the targets of their labels (a gene name, or the ``targets`` mapping) come
+        first in the ``n_top_genes`` panel. Labels neither in the data nor resolving to a gene
+        of var_names are an error: the run could not predict them.
     continuous : bool
         Use the values as they are (gaussian likelihood); size factors are all 1.
     total_counts_key : str, optional
@@ -720,9 +737,10 @@ def load_perturbation_data(
 
     Warns
     -----
-    UserWarning
-        When modelled genes have zero total counts, a mapping target exists but is not
-        modelled, or the log-normalized conversion lands far from whole numbers.
+    LcdBayesWarning
+        When modelled genes have zero total counts, a target of the mapping or of
+        ``predict_targets`` exists but is not among ``genes``, ``n_top_genes`` leaves out
+        targets, or the log-normalized conversion lands far from whole numbers.
 
     Notes
     -----
@@ -731,9 +749,10 @@ def load_perturbation_data(
     library size before normalization, which a gene-subset matrix cannot reconstruct.
     """
     _check_arguments(
-        adata, perturbation_key, control, sep, genes, n_top_genes, continuous, total_counts_key,
+        adata, perturbation_key, control, sep, genes, n_top_genes, gene_ranking, continuous, total_counts_key,
         target_sum, min_cells_per_condition, min_genes,
     )
+    requested = _requested_labels(predict_targets, control, sep)
     var_names = [str(g) for g in adata.var_names]
     duplicated = [g for g, n in Counter(var_names).items() if n > 1]
     if duplicated:
@@ -776,7 +795,18 @@ def load_perturbation_data(
             _check_target_mapping(targets, "targets=")
         )
     var_set = set(var_names)
-    target_names = _resolve_target_names(perturbations, mapping, var_set, var_names)
+    target_names = _resolve_target_names(
+        tuple(dict.fromkeys([*perturbations, *requested])), mapping, var_set, var_names
+    )
+    unpredictable = [label for label in requested if label not in perturbations and not target_names[label]]
+    if unpredictable:
+        hints = _suggestions(unpredictable, [*perturbations, *var_names])
+        raise DataError(
+            f"predict_targets names {len(unpredictable)} labels that are neither perturbation labels in the "
+            f"data nor genes of adata.var_names (nor in the targets mapping): {few(unpredictable)}.{hints}\n"
+            "A run cannot predict a label without cells unless it targets a modelled gene; fix the "
+            "spelling or remove them."
+        )
 
     if continuous:
         size_factor = np.ones(adata.n_obs)
@@ -794,16 +824,26 @@ def load_perturbation_data(
             )
         size_factor = totals / np.median(totals)
 
+    explicit = gene_index is not None
     if gene_index is None:
         if n_top_genes is None:
             gene_index = list(range(len(var_names)))
         else:
-            variance = _gene_variance(matrix, None if continuous else size_factor)
-            top = np.argsort(-variance, kind="stable")[: int(n_top_genes)]
+            if gene_ranking == "response" and len(conditions) == 1:
+                raise DataError(
+                    'gene_ranking="response" ranks genes by their shift against the control, but the data '
+                    'hold control cells only; pass gene_ranking="variance".'
+                )
             position = {g: i for i, g in enumerate(var_names)}
-            targeted = {position[g] for names in target_names.values() for g in names}
-            # Keep var_names order so column order does not depend on the selection rule.
-            gene_index = sorted(set(top.tolist()) | targeted)
+
+            def columns(labels):
+                return [position[g] for label in labels for g in target_names[label]]
+
+            gene_index = select_genes(
+                matrix, int(n_top_genes), condition=condition, size_factor=None if continuous else size_factor,
+                requested=columns(requested), trained=columns(perturbations), ranking=gene_ranking,
+                names=var_names,
+            ).tolist()
     if len(gene_index) < min_genes:
         raise DataError(
             f"only {len(gene_index)} genes were selected but at least min_genes={min_genes} are "
@@ -813,18 +853,19 @@ def load_perturbation_data(
     column_of = {g: j for j, g in enumerate(modelled)}
 
     target_matrix = np.zeros((len(perturbations), len(modelled)), dtype=np.float32)
-    unmodelled = []
     for row, label in enumerate(perturbations):
         for gene in target_names[label]:
             if gene in column_of:
                 target_matrix[row, column_of[gene]] = 1.0
-            elif label in mapping:
-                unmodelled.append(f"{gene} ({label})")
-    if unmodelled:
+    # Targets named on purpose (a mapping, predict_targets) but left out of an explicit gene list;
+    # n_top_genes says itself which targets it left out.
+    named = [label for label in target_names if label in mapping or label in requested]
+    unmodelled = [f"{g} ({label})" for label in named for g in target_names[label] if g not in column_of]
+    if explicit and unmodelled:
         warnings.warn(
-            f"{len(unmodelled)} target genes from the targets mapping are in adata.var_names but not "
-            f"among the modelled genes, so they are not modelled as targets: {few(unmodelled)}. "
-            "Add them to genes= to model them.",
+            f"{len(unmodelled)} target genes from the targets mapping or predict_targets are in "
+            f"adata.var_names but not among the modelled genes, so they are not modelled as targets: "
+            f"{few(unmodelled)}. Add them to genes= to model them.",
             LcdBayesWarning,
             stacklevel=2,
         )
@@ -880,6 +921,7 @@ def summarize(data: PerturbationData) -> str:
     higher = int((order > 2).sum())
     cells = np.bincount(data.condition, minlength=data.n_conditions)
     targeted = [label for label, row in zip(data.perturbations, data.targets) if row.any()]
+    others = data.n_perturbations - len(targeted)
     kind = "counts" if data.is_counts else "continuous values"
     combos = f"{doubles} doubles" + (f", {higher} higher-order" if higher else "")
     return "\n".join(
@@ -888,6 +930,8 @@ def summarize(data: PerturbationData) -> str:
             f"{data.n_conditions} conditions: control {data.control!r} ({cells[0]} cells), "
             f"{singles} singles, {combos}; cells per condition {cells.min()}-{cells.max()}",
             f"{data.n_perturbations} perturbation labels from obs[{data.perturbation_key!r}] (sep {data.sep!r})",
-            f"{len(targeted)} labels with modelled targets" + (f": {few(targeted, 10)}" if targeted else ""),
+            f"{len(targeted)} of {data.n_perturbations} labels have a modelled target"
+            + (f" ({few(targeted, 10)})" if targeted else "")
+            + (f"; the other {others} are modelled through off-target shifts" if others else ""),
         ]
     )
