@@ -166,3 +166,30 @@ def test_count_log_likelihood_splits_into_rate_and_rate_free_parts(likelihood):
     expected = count_distribution(likelihood, rate, noise).to_event(1).log_prob(counts)
     split = rate_log_likelihood(likelihood, counts, rate, noise) + rate_free_log_likelihood(likelihood, counts, noise)
     np.testing.assert_allclose(split, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_nb_log_likelihood_stays_accurate_at_large_concentrations_in_float32():
+    """A guide's draw of a weakly determined concentration can reach 1e6 and beyond; there the
+    float32 log-likelihood and its gradient must still be those of the (Poisson-like) NB."""
+    counts = np.array([0.0, 3.0, 40.0])
+    rate = np.array([0.2, 2.5, 35.0])
+
+    def float32_model(log_noise):
+        noise = jnp.exp(jnp.full(3, log_noise, jnp.float32))
+        y, mu = jnp.asarray(counts[None], jnp.float32), jnp.asarray(rate[None], jnp.float32)
+        return jnp.sum(rate_log_likelihood("nb", y, mu, noise) + rate_free_log_likelihood("nb", y, noise))
+
+    def float64_reference(log_noise):  # the textbook NB2, exact enough in float64 up to phi ~ 1e6
+        phi = np.exp(log_noise)
+        return float(np.sum(gammaln(counts + phi) - gammaln(phi) - gammaln(counts + 1) + phi * np.log(phi)
+                            + counts * np.log(rate) - (phi + counts) * np.log(phi + rate)))
+
+    for log_noise in (2.0, np.log(1e6)):
+        step = 1e-3
+        slope = (float64_reference(log_noise + step) - float64_reference(log_noise - step)) / (2 * step)
+        np.testing.assert_allclose(float(float32_model(log_noise)), float64_reference(log_noise), rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(float(jax.grad(float32_model)(jnp.float32(log_noise))), slope, rtol=1e-2, atol=1e-4)
+    # At phi = 1e12 the NB is the Poisson to ~mu^2 / phi, and its slope in log phi vanishes.
+    poisson = float(np.sum(counts * np.log(rate) - rate - gammaln(counts + 1)))
+    np.testing.assert_allclose(float(float32_model(np.log(1e12))), poisson, atol=1e-3)
+    assert abs(float(jax.grad(float32_model)(jnp.float32(np.log(1e12))))) < 1e-3
