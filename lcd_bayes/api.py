@@ -23,8 +23,11 @@ from .analysis.clipr import clipr_posterior, summary_at, summary_to_table
 from .analysis.predict import DEFAULT_CELL_DRAWS, predict_posterior
 from .config import RunConfig
 from .analysis.evaluation import evaluate
+from .analysis.ppc import GROUP as PPC_GROUP
+from .analysis.ppc import ppc_table
 from .io.run_folder import data_record, load_datatree, load_run, save_datatree, start_run_folder, write_run
 from .run import fit as fit_to_folder
+from .run import write_ppc
 from .sim.linear import simulate
 
 __all__ = ["Run", "fit", "load", "edges", "predict", "simulate", "evaluate"]
@@ -36,8 +39,8 @@ EDGE_KEYS = ("prob_edge", "mean")  # what ``Run.edges(adata=...)`` writes to ``a
 class Run:
     """A fitted screen: its posterior and how it was made.
 
-    ``posterior`` is the fit's ArviZ DataTree (groups ``posterior``, ``constant_data``, ``svi``
-    and, after a Laplace refinement, ``guide_posterior``), ``config`` the settings used and
+    ``posterior`` is the fit's ArviZ DataTree (groups ``posterior``, ``constant_data``, ``svi``,
+    ``ppc`` and, after a Laplace refinement, ``guide_posterior``), ``config`` the settings used and
     ``record`` how the data were read (genes, conditions, labels). ``folder`` is where the run
     lives on disk, if anywhere.
     """
@@ -77,6 +80,14 @@ class Run:
                     table.to_csv(self.folder / "edges.csv", index=False)
         return self._clipr
 
+    @property
+    def ppc(self) -> pd.DataFrame | None:
+        """The posterior predictive check made after the fit (``lcd_bayes.analysis.ppc``): one row
+        per training condition, how well the posterior reproduces its cells (``ppc.csv`` of the run
+        folder); the medians over perturbed conditions in ``attrs["aggregate"]``. None for a run
+        fitted with ``[fit] ppc = false``."""
+        return ppc_table(self.posterior[PPC_GROUP]) if PPC_GROUP in self.posterior.children else None
+
     def edges(self, *, tau: float | None = None, hdi_prob: float | None = None,
               adata: anndata.AnnData | None = None) -> pd.DataFrame:
         """Every ordered gene pair's causal effect (CLIPR): ``source, target, mean, sd, hdi_low,
@@ -106,11 +117,13 @@ class Run:
 
     def save(self, folder: str | Path) -> Path:
         """Write the run folder (``config.toml``, ``data.json``, ``posterior.nc``, ``elbo.csv``,
-        ``summary.txt``, and ``clipr.nc`` with ``edges.csv`` once CLIPR has run) and return it;
-        ``lb.load(folder)`` reads it back. Refuses a folder that already holds a finished fit."""
+        ``summary.txt``, ``ppc.csv`` with ``ppc.png``, and ``clipr.nc`` with ``edges.csv`` once
+        CLIPR has run) and return it; ``lb.load(folder)`` reads it back. Refuses a folder that
+        already holds a finished fit."""
         folder = Path(folder)
         start_run_folder(folder, self.config, self.record)
         write_run(folder, self.posterior)
+        write_ppc(folder, self.posterior)
         if self._clipr is not None:
             save_datatree(self._clipr, folder / "clipr.nc")
             self.edges().to_csv(folder / "edges.csv", index=False)

@@ -116,6 +116,7 @@ def _fit(args):
 
 
 def _print_fit(run):
+    from .analysis.ppc import GROUP, format_ppc, ppc_table
     from .analysis.summary import format_top_edges, interaction_table
 
     attrs = run.posterior["posterior"].attrs
@@ -136,9 +137,12 @@ def _print_fit(run):
               f"{attrs['laplace_median_widening']:.2f}x along the guide's directions, "
               f"{attrs['laplace_negative_curvature']} of them curved the wrong way; centred "
               f"{attrs['laplace_newton_step']:g} of a Newton step from the guide's mean")
+    ppc = ppc_table(run.posterior[GROUP]) if GROUP in run.posterior.children else None
+    if ppc is not None:  # before the edges: whether the fit reproduces its data says whether to read them
+        print(format_ppc(ppc))
     print(format_top_edges(interaction_table(run.posterior)))
     if run.folder is not None:
-        print(f"run folder: {run.folder} (posterior.nc, elbo.csv, config.toml)")
+        print(f"run folder: {run.folder} (posterior.nc, elbo.csv, config.toml{', ppc.csv' if ppc is not None else ''})")
 
 
 def _calibrating_refinement(config) -> str:

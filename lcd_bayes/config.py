@@ -259,6 +259,10 @@ class FitConfig:
     # Each cell's log-likelihood under each posterior draw, the DataTree's log_likelihood group
     # (arviz.loo reads it); one full pass over the cells per draw after the fit.
     log_likelihood: bool = True
+    # After the fit, predict every training condition from the posterior and compare it with its
+    # cells (lcd_bayes.analysis.ppc; warns when the fit does not reproduce them): the run folder's
+    # ppc.csv and ppc.png. Seconds at 20 genes; false skips it (the tests' many tiny fits).
+    ppc: bool = True
     # After SVI (lcd_bayes.inference.refine), in the coordinates the guide whitens: "laplace"
     # replaces the guide's draws by the Gaussian with the posterior's curvature near the guide's
     # mean (one Hessian-vector product per latent dimension); "nuts" by a NUTS chain (minutes per 20
@@ -310,6 +314,8 @@ class FitConfig:
             raise ValueError(f"devices must be 0 (all) or a positive number of devices, got {self.devices}")
         if self.cell_particles < 1:
             raise ValueError(f"cell_particles must be a positive integer, got {self.cell_particles}")
+        if not isinstance(self.ppc, bool):
+            raise ValueError(f"ppc must be true or false, got {self.ppc!r}")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Figures of a run: ELBO trace, edge-probability heatmap, forest plot, causal network.
+"""Figures of a run: ELBO trace, edge-probability heatmap, forest plot, causal network, and the
+posterior predictive check.
 
 Each figure draws into a matplotlib ``Axes`` and returns it: ``elbo(run, ax=ax)``,
-``edge_heatmap(run, ax=ax)``, ``forest(run, ax=ax)`` and ``network(run, ax=ax)`` take a run
-(``lcd_bayes.Run``, or anything with its ``losses`` and ``clipr``) or a run folder, and draw
-into a new pyplot figure when ``ax`` is None. The ``plot_*`` functions underneath take the arrays
-themselves. ``report_run`` writes all four figures of a folder as PNGs, each on its own
+``edge_heatmap(run, ax=ax)``, ``forest(run, ax=ax)``, ``network(run, ax=ax)``, ``ppc(run, ax=ax)``
+and ``ppc_correlations(run, ax=ax)`` take a run (``lcd_bayes.Run``, or anything with its
+``losses``, ``clipr`` and ``ppc``) or a run folder, and draw into a new pyplot figure when ``ax``
+is None. The ``plot_*`` functions underneath take the arrays themselves. ``report_run`` writes the
+edge figures of a folder as PNGs, ``save_ppc`` the check's, each on its own
 ``matplotlib.figure.Figure`` (no pyplot state, so any backend, Agg included, works).
 """
 from __future__ import annotations
@@ -21,10 +23,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
 from .analysis.clipr import load_clipr, summary_at, summary_to_table
+from .analysis.ppc import GROUP as PPC_GROUP
+from .analysis.ppc import MIN_TOP_DE_CORRELATION, ppc_table
+from .io.run_folder import load_datatree
 
 MAX_TICK_LABELS = 60  # beyond this many genes, tick labels overlap into a black bar
 POSITIVE, NEGATIVE = "tab:red", "tab:blue"
-FIGSIZE = {"elbo": (7, 4), "network": (7, 7)}
+FIGSIZE = {"elbo": (7, 4), "network": (7, 7), "ppc": (5, 5)}
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
@@ -165,6 +170,96 @@ def plot_network(table: pd.DataFrame, genes: list[str], *, prob_threshold: float
         ax.text(0, 0, "no edge above the threshold", ha="center", va="center", color="0.4")
     ax.set_title(title + "\nred: activation, blue: repression, width: |mean effect|")
     return ax
+
+
+def plot_ppc(table: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Predicted against observed mean shift from control, every gene of every perturbed training
+    condition (grey; each condition's top-DE genes red): a fit that reproduces its data lies on the
+    diagonal, a collapsed one on the horizontal line at 0.
+
+    ``table`` is a posterior predictive check (``lcd_bayes.analysis.ppc``) with its
+    ``attrs["mean_shifts"]``.
+    """
+    shifts = table.attrs["mean_shifts"]
+    observed, predicted = np.asarray(shifts.observed), np.asarray(shifts.predicted)
+    top = np.zeros(observed.shape, dtype=bool)
+    if observed.size:
+        np.put_along_axis(top, np.asarray(shifts.top_de), True, axis=1)
+    ax = _axes(ax, FIGSIZE["ppc"])
+    ax.scatter(observed[~top], predicted[~top], s=5, color="0.6", lw=0, label="genes")
+    ax.scatter(observed[top], predicted[top], s=8, color=POSITIVE, lw=0, label="top-DE genes of each condition")
+    values = np.concatenate([observed.ravel(), predicted.ravel()])
+    values = values[np.isfinite(values)]
+    low, high = (values.min(), values.max()) if values.size else (-1.0, 1.0)
+    pad = 0.05 * (high - low) or 0.1
+    limits = (low - pad, high + pad)
+    ax.plot(limits, limits, color="k", lw=0.8, ls="--")
+    ax.axhline(0.0, color="0.6", lw=0.8, ls=":")  # where a fit that predicts no effect lies
+    ax.set_xlim(limits), ax.set_ylim(limits)  # one scale on both axes: the diagonal is "reproduced"
+    ax.set_xlabel("observed mean shift from control")
+    ax.set_ylabel("predicted mean shift from control")
+    median = table.attrs["aggregate"]["median"].get("pearson_delta_top_de", float("nan"))
+    ax.set_title(f"Posterior predictive check: {observed.shape[0]} perturbed training conditions\n"
+                 f"median correlation of the top-DE shifts {median:.2f}")
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    return ax
+
+
+def plot_ppc_correlations(table: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Per perturbed training condition, the correlation of predicted and observed top-DE shifts
+    (black) beside that of two halves of the observed cells (open grey: what the data reproduce
+    of themselves), with the warning's threshold (dashed)."""
+    rows = table[table["pearson_delta_top_de"].notna() | table["split_half_top_de"].notna()]  # not the control
+    position = np.arange(len(rows))[::-1]  # the first condition on top
+    ax = _axes(ax, _forest_size(len(rows)))
+    ax.plot(rows["split_half_top_de"], position, "o", mfc="none", mec="0.5", ms=5, label="observed halves")
+    ax.plot(rows["pearson_delta_top_de"], position, "o", color="k", ms=4, label="predicted vs observed")
+    ax.axvline(MIN_TOP_DE_CORRELATION, color=NEGATIVE, lw=0.8, ls="--", label="warning threshold")
+    if len(rows) <= MAX_TICK_LABELS:
+        ax.set_yticks(position, rows["condition"].astype(str))
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Pearson correlation of the top-DE mean shifts")
+    ax.set_title("Per training condition")
+    ax.legend(frameon=False, fontsize=8, loc="best")
+    return ax
+
+
+def _ppc_of(run) -> pd.DataFrame:
+    """The posterior predictive check of a run or run folder (its ``ppc`` group)."""
+    if isinstance(run, (str, Path)):
+        tree = load_datatree(Path(run) / "posterior.nc")
+        table = ppc_table(tree[PPC_GROUP]) if PPC_GROUP in tree.children else None
+    else:
+        table = run.ppc
+    if table is None:
+        raise ValueError("this run holds no posterior predictive check: it was fitted with [fit] ppc = false, or "
+                         "before lcd-bayes made one; lcd_bayes.analysis.ppc.posterior_predictive_check makes it "
+                         "from the training data")
+    return table
+
+
+def ppc(run, *, ax: Axes | None = None) -> Axes:
+    """Predicted against observed mean shifts of a run's training conditions (``plot_ppc``)."""
+    return plot_ppc(_ppc_of(run), ax=ax)
+
+
+def ppc_correlations(run, *, ax: Axes | None = None) -> Axes:
+    """Each training condition's top-DE shift correlation of a run (``plot_ppc_correlations``)."""
+    return plot_ppc_correlations(_ppc_of(run), ax=ax)
+
+
+def save_ppc(run, path: str | Path) -> Path:
+    """Write the posterior predictive check's figure: ``plot_ppc`` and ``plot_ppc_correlations``
+    side by side. ``run`` is a run, a run folder or the check's table itself."""
+    table = run if isinstance(run, pd.DataFrame) else _ppc_of(run)
+    width, height = FIGSIZE["ppc"]
+    height = min(max(height, _forest_size(len(table))[1]), 3 * height)  # many conditions: no labels, a strip
+    figure = Figure(figsize=(2 * width + 1, height), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    plot_ppc(table, ax=left)
+    plot_ppc_correlations(table, ax=right)
+    figure.savefig(path, dpi=120)
+    return Path(path)
 
 
 def _clipr_of(run) -> xr.DataTree:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -15,6 +16,9 @@ import anndata
 import numpy as np
 import xarray as xr
 
+from . import pl
+from .analysis.ppc import GROUP as PPC_GROUP
+from .analysis.ppc import posterior_predictive_check, ppc_dataset, ppc_table
 from .config import RunConfig, load_config
 from .diagnostics import LcdBayesWarning
 from .dynamics.nonlinear import check_fitted_stationarity
@@ -196,9 +200,28 @@ def fit(
     )
     if sample_stats is not None:
         tree["sample_stats"] = xr.DataTree(sample_stats)
+    if run_config.fit.ppc:
+        # Before any edge is read: does the posterior reproduce the conditions it was fitted to?
+        # (It warns when not: a collapsed fit, its effects taken for noise, must not pass silently.)
+        start = time.perf_counter()
+        table = posterior_predictive_check(tree, run_config, data_record(data), data, seed=run_config.fit.seed)
+        tree[PPC_GROUP] = xr.DataTree(ppc_dataset(table, data.control))
+        tree["posterior"].attrs["ppc_seconds"] = time.perf_counter() - start
     if folder is not None:
         write_run(folder, tree)
+        write_ppc(folder, tree)
     return FittedRun(tree, data, run_config, result, folder)
+
+
+def write_ppc(folder: Path, tree: xr.DataTree) -> list[Path]:
+    """Write the posterior predictive check of ``tree`` (its ``ppc`` group) into a run folder:
+    ``ppc.csv`` (one row per training condition) and ``ppc.png`` (``pl.save_ppc``); nothing
+    when the fit made none. Returns the files written."""
+    if PPC_GROUP not in tree.children:
+        return []
+    table = ppc_table(tree[PPC_GROUP])
+    table.to_csv(folder / "ppc.csv", index=False)
+    return [folder / "ppc.csv", pl.save_ppc(table, folder / "ppc.png")]
 
 
 # The pointwise log-likelihood evaluates one draw on every cell at once: above this many floats

@@ -14,8 +14,9 @@ import pytest
 
 ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 
-# A fit as small as the scripts allow: few steps, few draws, a short stationary recursion, and no
-# refinement unless a test asks for it (the Laplace step dominates a tiny fit's time).
+# A fit as small as the scripts allow: few steps, few draws, a short stationary recursion, no
+# refinement unless a test asks for it (the Laplace step dominates a tiny fit's time) and no
+# posterior predictive check (whose verdict on such a fit means nothing).
 TINY_CONFIG = """\
 [model]
 n_doublings = 12
@@ -27,6 +28,7 @@ steps_per_chunk = 20
 checkpoint_every = 20
 num_posterior_samples = 20
 refine = "{refine}"
+ppc = false
 """
 # Fits this short leave some drift draws at the stability limit, and the scripts let lcd_bayes say so.
 AT_STABILITY_LIMIT = "ignore:.*posterior drift draws sat at the stability limit:lcd_bayes.diagnostics.LcdBayesWarning"

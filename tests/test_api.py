@@ -32,6 +32,7 @@ def test_fit_returns_a_run_in_memory(run):
     assert run.losses.shape == (200,) and np.all(np.isfinite(run.losses))
     assert run.posterior["posterior"]["interaction"].dims == ("chain", "draw", "source", "target")
     assert "4 genes" in repr(run)
+    assert list(run.ppc["condition"]) == run.conditions  # the posterior predictive check, in memory
 
 
 @pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto")  # a 200-step fit of 200 cells
@@ -100,13 +101,15 @@ def test_save_and_load_give_the_same_run(run, tmp_path):
     table = run.edges()
     folder = run.save(tmp_path / "run")
     assert run.folder == folder
-    for name in ("config.toml", "data.json", "posterior.nc", "elbo.csv", "summary.txt", "clipr.nc", "edges.csv"):
+    for name in ("config.toml", "data.json", "posterior.nc", "elbo.csv", "summary.txt", "clipr.nc", "edges.csv",
+                 "ppc.csv", "ppc.png"):
         assert (folder / name).exists(), name
     loaded = lb.load(folder)
     assert loaded.config == run.config and loaded.genes == run.genes
     xr.testing.assert_allclose(loaded.posterior["posterior"]["interaction"],
                                run.posterior["posterior"]["interaction"], rtol=1e-6)
     pd.testing.assert_frame_equal(loaded.edges(), table)
+    pd.testing.assert_frame_equal(loaded.ppc, run.ppc)
     assert loaded.posterior["log_likelihood"]["y"].shape == run.posterior["log_likelihood"]["y"].shape
     np.testing.assert_array_equal(
         np.asarray(loaded.predict("G0+G1", n_cells=5, seed=2).X),

@@ -65,6 +65,7 @@ def test_simulate_then_fit_writes_a_run(tmp_path, capsys):
     out = capsys.readouterr().out
     # With no --refine, the default refines the guide's draws by the Laplace approximation.
     assert "Strongest direct effects" in out and "Laplace refinement:" in out
+    assert "posterior predictive check: predicted vs observed" in out and (run / "ppc.csv").exists()
     tree = xr.open_datatree(run / "posterior.nc", engine="h5netcdf")
     assert tree["posterior"].sizes["draw"] == 20
     tree.close()

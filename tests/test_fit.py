@@ -14,10 +14,11 @@ from lcd_bayes.io.run_folder import load_run
 from lcd_bayes.run import fit
 from lcd_bayes.sim.linear import simulate
 
-# The SVI loop's plumbing (no refinement: the default one is tested in test_cli and test_recovery).
+# The SVI loop's plumbing (no refinement: the default one is tested in test_cli and test_recovery;
+# no posterior predictive check, seconds of compilation per fit: tested in test_ppc).
 TINY = RunConfig().replace(
     fit={"steps": 120, "steps_per_chunk": 20, "checkpoint_every": 20, "num_posterior_samples": 50,
-         "min_steps": 120, "batch_size": 64, "refine": "none"},
+         "min_steps": 120, "batch_size": 64, "refine": "none", "ppc": False},
     model={"n_doublings": 12},
 )
 

@@ -29,7 +29,7 @@ def held_out(screen, tmp_path_factory):
     """Fit on control + singles; the doubles are held out."""
     (split,) = combination_splits(screen.obs["condition"], control="ctrl", train_double_fraction=0.0)
     train, test = split_anndata(screen, split, control="ctrl")
-    config = RunConfig().replace(fit={"steps": 1500, "num_posterior_samples": 100})
+    config = RunConfig().replace(fit={"steps": 1500, "num_posterior_samples": 100, "ppc": False})
     folder = tmp_path_factory.mktemp("predict") / "run"
     with warnings.catch_warnings():
         # This short fit leaves ~2% of the drift draws at the stability limit and says so; the tests

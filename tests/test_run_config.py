@@ -12,7 +12,7 @@ from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
 
 TINY = RunConfig().replace(
     fit={"steps": 60, "steps_per_chunk": 20, "num_posterior_samples": 20, "min_steps": 60, "batch_size": 64,
-         "refine": "none"},
+         "refine": "none", "ppc": False},
     model={"n_doublings": 12},
 )
 

@@ -146,7 +146,8 @@ def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int 
 
 
 def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int = 100,
-                      n_draws: int = DEFAULT_CELL_DRAWS, seed: int = 0, run_name: str = "in memory") -> anndata.AnnData:
+                      n_draws: int = DEFAULT_CELL_DRAWS, seed: int = 0, run_name: str = "in memory",
+                      summaries: bool = True) -> anndata.AnnData:
     """Predicted cells of each requested condition, with per-gene posterior expression summaries.
 
     Parameters
@@ -157,6 +158,8 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     n_cells : cells per condition.
     n_draws : posterior draws the cells cycle over (all draws enter the expression summaries).
     seed : random seed; the same seed gives the same cells.
+    summaries : False leaves out the expected-expression summaries (``varm``), whose Gauss-Hermite
+        nodes take draws x conditions x genes x 32 floats: cells alone for many conditions.
 
     Returns
     -------
@@ -192,8 +195,9 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     else:
         means = jax.vmap(stationary_means)(draws["drift"], offsets)  # (draws, conditions, genes)
         sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
-    expected = _expected_expression(means, sds, draws, model, library)
-    low, high = np.quantile(np.asarray(expected), [(1 - INTERVAL) / 2, (1 + INTERVAL) / 2], axis=0)
+    if summaries:
+        expected = _expected_expression(means, sds, draws, model, library)
+        low, high = np.quantile(np.asarray(expected), [(1 - INTERVAL) / 2, (1 + INTERVAL) / 2], axis=0)
 
     used = np.asarray(jax.random.choice(key_draws, n_samples, (min(int(n_draws), n_samples),), replace=False))
     if nonlinear:
@@ -213,9 +217,10 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     )
     adata.obs["size_factor"] = size_factor.reshape(-1)
     adata.obs["draw"] = draw_index.reshape(-1)
-    adata.varm["expected_mean"] = np.asarray(expected.mean(axis=0)).T
-    adata.varm["expected_low"] = low.T
-    adata.varm["expected_high"] = high.T
+    if summaries:
+        adata.varm["expected_mean"] = np.asarray(expected.mean(axis=0)).T
+        adata.varm["expected_low"] = low.T
+        adata.varm["expected_high"] = high.T
     return adata
 
 

@@ -8,6 +8,7 @@ A run folder holds everything needed to inspect or reproduce a fit:
     posterior.nc     ArviZ DataTree: posterior draws, constant data, the SVI trace (and, after a
                      NUTS refinement, its sample_stats)
     summary.txt      the fit's headline numbers
+    ppc.csv, ppc.png the posterior predictive check (``analysis.ppc``; also posterior.nc's ``ppc`` group)
     checkpoint.npz   only while a fit is unfinished: resume by running the same command
 
 CLIPR adds ``clipr.nc`` and ``edges.csv`` (``analysis.clipr``), the report its figures (``pl``).
