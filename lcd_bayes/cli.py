@@ -116,6 +116,8 @@ def _fit(args):
 
 
 def _print_fit(run):
+    import numpy as np
+
     from .analysis.ppc import GROUP, format_ppc, ppc_table
     from .analysis.summary import format_top_edges, interaction_table
 
@@ -123,7 +125,7 @@ def _print_fit(run):
     losses = run.posterior["svi"]["loss"].values
     status = "converged" if attrs.get("converged") else "stopped at the step limit (not converged)"
     print(f"SVI {status} after {losses.size} steps in {attrs['fit_seconds']:.0f} s; "
-          f"final ELBO {-losses[-100:].mean():.6g}")
+          f"final ELBO {-np.nanmean(losses[-100:]):.6g}")
     if "nuts_seconds" in attrs:
         print(f"NUTS refinement: {attrs['nuts_seconds']:.0f} s, {attrs['nuts_divergences']} divergent draws, "
               f"{attrs['nuts_mean_tree_size']:.0f} leapfrog steps per draw")

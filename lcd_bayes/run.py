@@ -24,7 +24,7 @@ from .diagnostics import LcdBayesWarning
 from .dynamics.nonlinear import check_fitted_stationarity
 from .inference.posterior import Coords, derive_globals, pointwise_log_likelihood, sample_guide, to_datatree
 from .inference.refine import refine_with_laplace, refine_with_nuts, resolve_refinement
-from .inference.svi import FitResult, fit_svi, program
+from .inference.svi import MAX_SKIPPED_FRACTION, FitResult, fit_svi, program
 from .io.run_folder import data_record, read_h5ad, start_run_folder, write_run
 from .io.screen import PerturbationData, load_perturbation_data, read_targets, summarize
 from .model.program import CellBatch, Structure, link
@@ -152,6 +152,12 @@ def fit(
         fingerprint=_fingerprint(data, run_config), progress=progress,
     )
     latent, attrs = None, {} if fallback is None else {"refinement_skipped": fallback}
+    attrs["skipped_steps"] = result.skipped_steps
+    if result.skipped_steps > MAX_SKIPPED_FRACTION * result.losses.size:
+        warnings.warn(
+            f"{result.skipped_steps} of {result.losses.size} SVI steps had a non-finite ELBO or gradient and were "
+            "skipped: the guide reaches draws where the program overflows, which biases the fit. Check the PPC, "
+            "and try more [fit] cell_particles or a lower [fit] learning_rate.", LcdBayesWarning, stacklevel=2)
     sample_stats = None
     if run_config.fit.refine == "nuts":
         latent, attrs, sample_stats = _refined_draws(inference, result, structure, cells, run_config, progress)

@@ -132,6 +132,30 @@ def test_non_finite_elbo_stops_with_a_clear_message(tiny_counts, tmp_path):
     assert (tmp_path / "run" / "checkpoint.npz").exists()  # the last finite state is kept
 
 
+def test_a_rare_non_finite_step_is_skipped_not_fatal(tiny_counts, tmp_path, monkeypatch):
+    """A draw that overflows now and then (one step in ten here) costs that step, not the fit, and
+    the run says how many steps it skipped."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+
+    model = fit_module.lcd_model
+
+    def glitching_model(*args, **kwargs):
+        model(*args, **kwargs)
+        key = numpyro.prng_key()
+        if key is not None:
+            numpyro.factor("glitch", jnp.where(jax.random.uniform(key) < 0.1, jnp.nan, 0.0))
+
+    monkeypatch.setattr(fit_module, "lcd_model", glitching_model)
+    with pytest.warns(LcdBayesWarning, match="skipped"):
+        run = fit(tiny_counts, tmp_path / "run", config=TINY, progress=False)
+    skipped = run.posterior["posterior"].attrs["skipped_steps"]
+    assert 0 < skipped < TINY.fit.steps // 2 and skipped == int(np.sum(~np.isfinite(run.fit.losses)))
+    assert run.fit.losses.size == TINY.fit.steps
+    assert np.isfinite(run.posterior["posterior"]["interaction"].values).all()
+
+
 def test_learning_rate_warms_up_then_follows_a_cosine_to_its_final_fraction():
     settings = FitConfig(steps=1100, learning_rate=0.1, warmup_steps=100, final_lr_fraction=0.05)
     rate = lambda step: float(fit_module.learning_rate(settings, step))  # noqa: E731

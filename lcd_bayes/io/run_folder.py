@@ -84,7 +84,7 @@ def write_run(folder: Path, tree: xr.DataTree) -> None:
     save_datatree(tree, folder / "posterior.nc")
     attrs = tree["posterior"].attrs
     compile_seconds = f" (compile {attrs['compile_seconds']:.1f})" if "compile_seconds" in attrs else ""
-    final = f"{-losses[-100:].mean():.6g}" if losses.size else "n/a"
+    final = f"{-np.nanmean(losses[-100:]):.6g}" if np.isfinite(losses[-100:]).any() else "n/a"
     (folder / "summary.txt").write_text(
         f"steps: {losses.size}\nconverged: {bool(attrs.get('converged', False))}\n"
         f"seconds: {float(attrs.get('fit_seconds', float('nan'))):.1f}{compile_seconds}\n"
