@@ -337,6 +337,7 @@ def _demo(args):
     from .analysis.clipr import clipr_run
     from .analysis.recovery import interval_coverage, recovery_against_truth
     from .api import fit
+    from .config import load_config
     from .pl import report_run
     from .sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
@@ -348,8 +349,10 @@ def _demo(args):
     adata = simulate(20, cells_per_condition=200, likelihood="nb", seed=args.seed)
     adata.write_h5ad(out / "sim.h5ad")
     print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, every gene perturbed once "
-          f"(NB counts; truth in {out / 'sim.h5ad'})")
-    run = fit(adata, out / "run", steps=args.steps, seed=args.seed, size_factor_key=LIBRARY_SIZE_KEY,
+          f"(NB counts through a softplus link, the simulator's protocol; truth in {out / 'sim.h5ad'})")
+    # Fitted with the link the data were drawn through; real screens take the default, exp.
+    config = load_config(None).replace(model={"link": "softplus"})
+    run = fit(adata, out / "run", config=config, steps=args.steps, seed=args.seed, size_factor_key=LIBRARY_SIZE_KEY,
               refine=args.refine, progress=not args.no_progress)
     _print_fit(run)
     truth = truth_from_uns(adata)["effect"]

@@ -105,6 +105,30 @@ def test_predict_combinations(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_gasperini(tmp_path, monkeypatch):
+    """On a small simulated screen laid out as the Gasperini file is (counts, ``is_tss_target``,
+    ``control``, co-infections and ``untracked`` cells to leave out)."""
+    import numpy as np
+
+    from lcd_bayes.sim.linear import simulate
+
+    adata = simulate(5, cells_per_condition=30, likelihood="nb", link="exp", seed=1)
+    labels = adata.obs["condition"].astype(str).replace({"ctrl": "control"}).to_numpy()
+    labels[:3], labels[3:5] = "untracked", "G0+G1"
+    adata.obs["condition"] = labels
+    adata.var["is_tss_target"] = np.arange(adata.n_vars) < 3
+    adata.write_h5ad(tmp_path / "screen.h5ad")
+    run_script("gasperini", "--data", str(tmp_path / "screen.h5ad"), "--genes", "5", "--held-out", "G0",
+               "--config", tiny_config(tmp_path), "--out", "out.json", cwd=tmp_path, monkeypatch=monkeypatch)
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert results["cells"] == adata.n_obs - 5 and results["targets"] == ["G0", "G1", "G2"]
+    assert set(results["all"]["knockdowns"]) == {"G0", "G1", "G2"}
+    assert all(0 <= k["prob_negative"] <= 1 for k in results["all"]["knockdowns"].values())
+    (prediction,) = results["held_out"]["prediction"].values()
+    assert finite(prediction["predicted_mean"], prediction["observed_mean"], *prediction["interval_90"])
+
+
+@pytest.mark.slow
 def test_recovery(tmp_path, monkeypatch):
     run_script("recovery", "--genes", "8", "--fractions", "1.0", "--likelihoods", "gaussian", "--cells", "10",
                "--config", tiny_config(tmp_path, refine="laplace"), "--out", "out.json", cwd=tmp_path,

@@ -58,7 +58,7 @@ def _cells() -> CellBatch:
 
 def _bound(particles: int, key) -> np.ndarray:
     """Per-cell log-marginal estimate the program adds to the ELBO."""
-    config = ModelConfig(dt=0.001, n_doublings=18)  # near the continuous-time stationary law
+    config = ModelConfig(dt=0.001, n_doublings=18, link="softplus")  # near the continuous-time law; _exact's link
     model = functools.partial(lcd_model, structure=_structure(), config=config, cell_particles=particles)
     # A weak pseudo-likelihood keeps the proposal near the state law, which covers each cell's
     # posterior, so that 4096 draws suffice for the estimate to be near exact.
@@ -115,7 +115,8 @@ def _proposal(covariance, means, precision_values, condition=None):
 def _expected_law(covariance, mean, precision_values):
     """The product of N(x; mean, covariance) and N(guess; x, P^-1), normalized: mean and covariance."""
     # With the encoder's corrections at zero its pseudo-observation is each cell's crude guess.
-    guess = np.log(np.expm1((COUNTS + 0.5) / (SIZE_FACTOR[:, None] * GENE_SCALE)))
+    normalized = (COUNTS + 0.5) / (SIZE_FACTOR[:, None] * GENE_SCALE)
+    guess = np.log(normalized) if ModelConfig().link == "exp" else np.log(np.expm1(normalized))  # the inverse link
     expected_cov = np.linalg.inv(np.linalg.inv(covariance) + np.diag(precision_values))
     expected_mean = (expected_cov @ (np.linalg.inv(covariance) @ mean[:, None]
                                      + (np.asarray(precision_values)[:, None] * guess.T))).T

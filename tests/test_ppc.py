@@ -23,8 +23,8 @@ COLUMNS = ["condition", "n_obs_cells", "n_pred_cells", "pearson_delta_all", "pea
 
 @pytest.fixture(scope="module")
 def screen():
-    """Twelve genes, each perturbed once, NB counts; read as a fit reads them."""
-    adata = simulate(12, cells_per_condition=150, likelihood="nb", seed=0)
+    """Twelve genes, each perturbed once, NB counts through the default link; read as a fit reads them."""
+    adata = simulate(12, cells_per_condition=150, likelihood="nb", link=RunConfig().model.link, seed=0)
     return adata, load_perturbation_data(adata, size_factor_key=LIBRARY_SIZE_KEY)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from lcd_bayes.analysis.clipr import edge_summary, posterior_effects
 from lcd_bayes.analysis.recovery import edge_recovery, interval_coverage
+from lcd_bayes.config import RunConfig
 from lcd_bayes.run import fit
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
@@ -35,7 +36,10 @@ def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood,
     truth = truth_from_uns(adata)["effect"]
     # Size factors from the simulated library sizes: the totals of a 20-gene panel move with the
     # perturbations and absorb part of their effect.
-    run = fit(adata, likelihood=likelihood, seed=0, size_factor_key=LIBRARY_SIZE_KEY, refine=refine,
+    # The simulator's default protocol draws counts through softplus; the fit uses the same link
+    # (the model's default, exp, is for real counts: docs/model.md, "Why exp").
+    config = RunConfig().replace(model={"link": "softplus"})
+    run = fit(adata, config=config, likelihood=likelihood, seed=0, size_factor_key=LIBRARY_SIZE_KEY, refine=refine,
               progress=False)
     assert run.config.fit.refine == (refine or "laplace")  # the default ("auto") at 20 genes
     effects = posterior_effects(run.posterior)
