@@ -25,12 +25,11 @@ itself is reproduced is in the control's row (``rmse_mean``, ``variance_ratio``,
 
 A fit that explains the perturbations' effects as cell-to-cell noise predicts every condition like
 the control: its shifts are Monte Carlo noise, uncorrelated with the observed ones, and the median
-over perturbed conditions of ``pearson_delta_top_de`` falls to about 0. The check warns when that
-median is below ``MIN_TOP_DE_CORRELATION`` and below the median of ``split_half_top_de``: a correct
-model, predicting about as many cells as observed or more, scores above the split halves on average
-(each half has half the cells, and picks its top genes from half the cells), so a weak screen,
-whose halves barely agree, does not make a correct fit warn (docs/evaluation.md, "Posterior
-predictive check").
+over perturbed conditions of ``pearson_delta_top_de`` falls to about 0. The check warns when, over
+the conditions whose response two halves of the observed cells reproduce (``split_half_top_de`` of
+at least ``MIN_TOP_DE_CORRELATION``), the median ``pearson_delta_top_de`` is below that threshold:
+a condition without a reproducible response cannot tell a correct fit from a collapsed one
+(docs/evaluation.md, "Posterior predictive check").
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ N_TOP_DE = 20  # genes of each condition's top-DE set, as in ``lcd-bayes evaluat
 # of simulated screens 0.9 or more; 0.5 lies halfway. Real screens hold even a perfect model below 1
 # (100 to 260 cells per condition: the top-20 shifts of two halves of the observed cells agreed at a
 # median 0.41 in Norman et al. 2019 and 0.13 in McFaline-Figueroa et al. 2023, 20 most variable
-# genes of the perturbench development subsets), hence the second condition: below the halves too.
+# genes of the perturbench development subsets), hence only conditions whose halves agree this well are judged.
 MIN_TOP_DE_CORRELATION = 0.5
 _PERTURBED_METRICS = ("pearson_delta_all", "pearson_delta_top_de", "shift_ratio_top_de", "split_half_top_de",
                       "rmse_mean", "variance_ratio", "zero_fraction_pred", "zero_fraction_obs")
@@ -197,19 +196,27 @@ def ppc_aggregate(table: pd.DataFrame, control: str) -> dict:
 
 
 def ppc_warning(table: pd.DataFrame, control: str) -> str | None:
-    """The warning's message when the fit does not reproduce its training conditions, else None:
-    the median over perturbed conditions of ``pearson_delta_top_de`` below both
-    ``MIN_TOP_DE_CORRELATION`` and the median of ``split_half_top_de``."""
-    median = ppc_aggregate(table, control)["median"]
-    fit, halves = median.get("pearson_delta_top_de", np.nan), median.get("split_half_top_de", np.nan)
-    # A nan fit (no perturbed condition, no varying gene) passes: there is nothing to reproduce.
-    if not fit < MIN_TOP_DE_CORRELATION or fit >= halves:
+    """The warning's message when the fit does not reproduce its training conditions, else None.
+
+    Judged on the conditions whose response the data reproduce themselves (``split_half_top_de``
+    of at least ``MIN_TOP_DE_CORRELATION``): the median of their ``pearson_delta_top_de`` must
+    reach it too. Conditions without a reproducible response are left out, since there a correct
+    fit scores about as low as the halves do: in a CRISPRi screen where most guides target inert
+    enhancers (Gasperini et al. 2019), the median over all conditions was 0.26 against the halves'
+    0.29 for a fit that found eight of nine knockdowns, and 0.70 over the eight conditions with a
+    reproducible response. With no such condition there is nothing to judge."""
+    perturbed = table[table["condition"].astype(str) != str(control)]
+    reproducible = perturbed[perturbed["split_half_top_de"] >= MIN_TOP_DE_CORRELATION]
+    if reproducible.empty:
         return None
-    agreement = f" and below the {halves:.2f} at which two halves of the observed cells agree" if halves == halves else ""
+    fit = float(np.nanmedian(reproducible["pearson_delta_top_de"]))
+    if not fit < MIN_TOP_DE_CORRELATION:
+        return None
     return (
-        f"the fit does not reproduce its own training conditions: its predicted mean shifts of each condition's "
-        f"top-{N_TOP_DE} genes correlate with the observed shifts at a median {fit:.2f} over the perturbed "
-        f"conditions, below {MIN_TOP_DE_CORRELATION}{agreement} (a fit that predicts no effect scores about 0). "
+        f"the fit does not reproduce its own training conditions: over the {len(reproducible)} conditions whose "
+        f"response two halves of the observed cells reproduce (top-{N_TOP_DE} mean-shift correlation >= "
+        f"{MIN_TOP_DE_CORRELATION}), its predicted shifts correlate with the observed ones at a median {fit:.2f} "
+        "(a fit that predicts no effect scores about 0). "
         "The posterior probably explains the perturbations' effects as cell-to-cell noise: do not trust its edges. "
         "Check the library sizes (give real ones with --size-factor-key when the matrix holds a gene panel), fit "
         "longer ([fit] steps), or try another [model] link; the per-condition table is ppc.csv (Run.ppc). README: "
