@@ -152,7 +152,6 @@ def fit(
         fingerprint=_fingerprint(data, run_config), progress=progress,
     )
     latent, attrs = None, {} if fallback is None else {"refinement_skipped": fallback}
-    attrs["skipped_steps"] = result.skipped_steps
     if result.skipped_steps > MAX_SKIPPED_FRACTION * result.losses.size:
         warnings.warn(
             f"{result.skipped_steps} of {result.losses.size} SVI steps had a non-finite ELBO or gradient and were "
@@ -163,6 +162,7 @@ def fit(
         latent, attrs, sample_stats = _refined_draws(inference, result, structure, cells, run_config, progress)
     elif run_config.fit.refine == "laplace":
         latent, attrs = _laplace_draws(inference, result, structure, cells, run_config, progress)
+    attrs["skipped_steps"] = result.skipped_steps  # after the refinement, whose attrs replace these
     draws = None if latent is None else derive_globals(latent, structure, run_config.model)
     # Laplace draws are calibrated for the effects but not for the sites predictions also need
     # (noise scales, concentrations): held-out doubles were predicted about twice as far off from
