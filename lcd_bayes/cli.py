@@ -124,8 +124,9 @@ def _print_fit(run):
     attrs = run.posterior["posterior"].attrs
     losses = run.posterior["svi"]["loss"].values
     status = "converged" if attrs.get("converged") else "stopped at the step limit (not converged)"
+    skipped = int(attrs.get("skipped_steps", 0))
     print(f"SVI {status} after {losses.size} steps in {attrs['fit_seconds']:.0f} s; "
-          f"final ELBO {-np.nanmean(losses[-100:]):.6g}")
+          f"final ELBO {-np.nanmean(losses[-100:]):.6g}" + (f"; {skipped} non-finite steps skipped" if skipped else ""))
     if "nuts_seconds" in attrs:
         print(f"NUTS refinement: {attrs['nuts_seconds']:.0f} s, {attrs['nuts_divergences']} divergent draws, "
               f"{attrs['nuts_mean_tree_size']:.0f} leapfrog steps per draw")
