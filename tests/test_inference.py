@@ -241,12 +241,15 @@ def test_svi_posterior_agrees_with_nuts(nuts, svi):
 
 
 # The NUTS refinement must give NUTS's own widths (up to the short chains' Monte Carlo error). The
-# Laplace approximation (centred by a damped Newton step from the guide's mean) is a local one:
-# measured here (key 7), medians of the sd ratios 1.36 (interaction) and 1.28 (self_decay), means a
-# median 0.41 / 0.31 sds off; i.e. conservative on this 4-gene problem, where the horseshoe's
-# funnels are least pinned by data; on 20 genes its intervals are slightly narrower than NUTS's
-# (docs/inference.md). It must never fall back toward the guide's widths (median 0.68-0.80).
-@pytest.mark.parametrize("refinement, median_sd_ratio", [("refined", (0.8, 1.25)), ("laplace", (0.95, 1.6))])
+# Laplace approximation (centred by a damped Newton step from the guide's mean) is a local one, and
+# conservative on this 4-gene problem, where the horseshoe's funnels are least pinned by data: its
+# widths depend on where SVI stopped (which curvatures are negative and floored). Medians of the sd
+# ratios (interaction / self_decay), key 7, SVI seeds 0, 1, 2: 1.61 / 1.51, 1.85 / 1.87,
+# 1.42 / 1.27 (commit 4318483; an earlier rounding of the same seed-0 fit gave 1.40 / 1.37); means
+# a median 0.11-0.37 sds off. On 20 genes its intervals are slightly narrower than NUTS's
+# (docs/inference.md). What is asserted is that it never falls back toward the guide's widths
+# (median 0.68-0.80), nor inflates them past the widest measured by a margin.
+@pytest.mark.parametrize("refinement, median_sd_ratio", [("refined", (0.8, 1.25)), ("laplace", (0.95, 2.2))])
 def test_refined_posterior_has_the_widths_of_nuts(nuts, refinement, median_sd_ratio, request):
     """The guide's effect sds are 0.48-0.89 of NUTS's (median 0.68); after a refinement (the NUTS
     chain whitened by the guide, or the Laplace approximation at the guide's mean) they must be

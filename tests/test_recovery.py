@@ -1,8 +1,11 @@
 """Recovery of known causal effects from simulated screens (docs/model.md, "The simulators"; d = 20,
 every gene perturbed once, 200 cells per condition), with the shipped default model and its default
-refinement (``refine = "auto"``: the Laplace step), and with the NUTS chain that is closer still for
-Gaussian data (docs/inference.md). Edges are ranked by CLIPR's posterior edge probability, and the
-credible intervals must be calibrated."""
+refinement (``refine = "auto"``: the Laplace step). Edges are ranked by CLIPR's posterior edge
+probability, and the credible intervals must be calibrated.
+
+The NUTS refinement's calibration at d = 20 is measured by ``analyses/recovery.py``
+(analyses/RESULTS.md) rather than here: a 5-minute test did not fit CI's budget, and its agreement
+with NUTS itself is tested on 4 genes (test_inference)."""
 import numpy as np
 import pytest
 
@@ -25,13 +28,12 @@ from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 @pytest.mark.slow
 # The NB fit leaves ~0.2% of its drift draws at the stability limit, and says so: expected of the
 # default fit on counts, and those draws are part of the calibration asserted here.
-@pytest.mark.parametrize("likelihood, refine, min_auroc", [
-    ("gaussian", None, 0.95),
-    pytest.param("nb", None, 0.90, marks=pytest.mark.filterwarnings(
+@pytest.mark.parametrize("likelihood, min_auroc", [
+    ("gaussian", 0.95),
+    pytest.param("nb", 0.90, marks=pytest.mark.filterwarnings(
         "ignore:.*posterior drift draws sat at the stability limit:lcd_bayes.diagnostics.LcdBayesWarning")),
-    ("gaussian", "nuts", 0.95),
 ])
-def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood, refine, min_auroc):
+def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood, min_auroc):
     adata = simulate(20, cells_per_condition=200, likelihood=likelihood, seed=0)
     truth = truth_from_uns(adata)["effect"]
     # Size factors from the simulated library sizes: the totals of a 20-gene panel move with the
@@ -39,9 +41,9 @@ def test_posterior_effects_rank_true_edges_with_calibrated_intervals(likelihood,
     # The simulator's default protocol draws counts through softplus; the fit uses the same link
     # (the model's default, exp, is for real counts: docs/model.md, "Why exp").
     config = RunConfig().replace(model={"link": "softplus"})
-    run = fit(adata, config=config, likelihood=likelihood, seed=0, size_factor_key=LIBRARY_SIZE_KEY, refine=refine,
+    run = fit(adata, config=config, likelihood=likelihood, seed=0, size_factor_key=LIBRARY_SIZE_KEY,
               progress=False)
-    assert run.config.fit.refine == (refine or "laplace")  # the default ("auto") at 20 genes
+    assert run.config.fit.refine == "laplace"  # the default ("auto") at 20 genes
     effects = posterior_effects(run.posterior)
     prob_edge = edge_summary(effects)["prob_edge"].transpose("source", "target").fillna(0).values
     mean = effects["effect"].mean(("chain", "draw")).transpose("source", "target").values
