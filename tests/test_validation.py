@@ -161,3 +161,13 @@ def test_evaluate_does_not_offer_a_continuous_model(tmp_path):
     with pytest.raises(DataError, match="negative values") as error:
         evaluate(pred, observed)
     assert "continuous" not in str(error.value) and "--layer" in str(error.value)
+
+
+def test_a_file_that_is_not_h5ad_is_a_message(tmp_path, capsys):
+    table = tmp_path / "counts.h5ad"
+    table.write_text("cell,A,B\ncell0,1,2\n")
+    assert main(["fit", str(table), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{table} could not be read" in err and "expected an .h5ad file" in err
+    assert main(["evaluate", str(table), str(table), "--out", str(tmp_path / "eval")]) == 2
+    assert "expected an .h5ad file" in capsys.readouterr().err
