@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from lcd_bayes.analysis.evaluation import evaluate
+from lcd_bayes.analysis.predict import predict
 from lcd_bayes.cli import main
 from lcd_bayes.config import FIT_RULES, MODEL_RULES, FitConfig, ModelConfig, RunConfig, load_config
 from lcd_bayes.diagnostics import LcdBayesWarning
@@ -171,3 +172,19 @@ def test_a_file_that_is_not_h5ad_is_a_message(tmp_path, capsys):
     assert f"{table} could not be read" in err and "expected an .h5ad file" in err
     assert main(["evaluate", str(table), str(table), "--out", str(tmp_path / "eval")]) == 2
     assert "expected an .h5ad file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def test_predict_keeps_the_labels_as_asked(tiny_run):
+    pred = predict(tiny_run, "G1+G0, G3,G0+G1", n_cells=3, n_draws=2, seed=0)
+    assert pred.uns["lcd_bayes"]["conditions"] == ["G1+G0", "G3"]  # "G0+G1" is the same condition
+    assert list(pred.obs["condition"].unique()) == ["G1+G0", "G3"]
+
+
+def test_predict_refuses_what_fit_refuses(tiny_run, capsys):
+    with pytest.raises(DataError, match=r"labels 'G0\+' have an empty part"):
+        predict(tiny_run, "G0+")
+    assert main(["predict", str(tiny_run), "--perturbations", "G0", "--draws", "0"]) == 2
+    assert "n_draws (CLI --draws) must be a positive number" in capsys.readouterr().err
