@@ -6,12 +6,13 @@ Every user-facing choice lives here so that a run folder's ``config.toml`` repro
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
@@ -38,6 +39,102 @@ DRIFTS = ("linear", "nonlinear")
 GENE_RANKINGS = ("response", "variance", "dispersion")
 DEFAULT_GENE_RANKING = "response"
 NOISE_KINDS = ("gaussian", "rademacher")  # increments of the particle simulation
+
+
+class Rule(NamedTuple):
+    """What one ``[model]`` or ``[fit]`` setting may hold: its type, and the values allowed (a
+    test, and the words that say it in the message when the test fails)."""
+
+    kind: type  # bool, int, float or str; a float setting takes an integer too (TOML "1" for 1.0)
+    allowed: Callable[[Any], bool]
+    says: str
+
+
+def _choice(options: tuple[str, ...]) -> Rule:
+    return Rule(str, options.__contains__, f"one of {options}")
+
+
+def _integer(minimum: int, says: str | None = None) -> Rule:
+    return Rule(int, lambda value: value >= minimum,
+                says or ("a positive integer" if minimum == 1 else f"an integer >= {minimum}"))
+
+
+def _number(low: float, high: float = math.inf, *, low_open: bool = True, high_open: bool = False) -> Rule:
+    """A finite number in an interval (``high = inf``: unbounded above)."""
+    if high == math.inf:
+        says = "a positive number" if (low, low_open) == (0, True) else f"a number >= {low:g}"
+    else:
+        says = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return Rule(float, lambda value: math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high), says)
+
+
+_FLAG = Rule(bool, lambda value: True, "true or false")
+_POSITIVE = _number(0)
+_FRACTION = _number(0, 1)
+
+# Every [model] and [fit] setting, checked when a configuration is made (from a TOML file, a dict,
+# or ``RunConfig.replace``): a value of the wrong type or out of range is refused before any data
+# are read, naming the section and key; where one setting constrains another (the nonlinear
+# drift's simulation), ``__post_init__`` checks that after these.
+MODEL_RULES: dict[str, Rule] = {
+    "likelihood": _choice(LIKELIHOODS), "link": _choice(LINKS), "dt": _number(0, 1, high_open=True),
+    "scheme": _choice(SCHEMES), "n_doublings": _integer(1), "sigma": _POSITIVE,
+    "max_spectral_radius": _number(0, 1, high_open=True), "stability_penalty": _number(0, low_open=False),
+    "interaction_global_scale": _POSITIVE, "interaction_slab_scale": _POSITIVE, "interaction_slab_df": _POSITIVE,
+    "decay_prior_median": _POSITIVE, "decay_prior_log_sd": _POSITIVE,
+    "pool_decay": _FLAG, "decay_spread_scale": _POSITIVE, "pool_concentration": _FLAG,
+    "concentration_spread_scale": _POSITIVE, "basal_scale": _POSITIVE, "shift_mean_scale": _POSITIVE,
+    "shift_sd_scale": _POSITIVE, "off_target": _choice(("untargeted", "all")), "off_target_scale": _POSITIVE,
+    "unknown_target_scale": _POSITIVE, "off_target_slab_scale": _POSITIVE, "drift": _choice(DRIFTS),
+    "saturation_prior_median": _POSITIVE, "saturation_prior_log_sd": _POSITIVE, "input_offset_scale": _POSITIVE,
+    "sim_dt": _POSITIVE, "sim_burn_in": _integer(0), "sim_steps": _integer(1), "sim_thin": _integer(1),
+    "sim_particles": _integer(2), "sim_noise": _choice(NOISE_KINDS), "lna_doublings": _integer(1),
+}
+FIT_RULES: dict[str, Rule] = {
+    "steps": _integer(0, "an integer >= 0 (0: automatic)"), "learning_rate": _POSITIVE,
+    "warmup_steps": _integer(0), "final_lr_fraction": _FRACTION, "clip_norm": _POSITIVE,
+    "batch_size": _integer(0, "an integer >= 0 (0: automatic)"), "guide": _choice(GUIDES),
+    "guide_rank": _integer(1), "init_scale": _POSITIVE, "init": _choice(INITS), "encoder_hidden": _integer(1),
+    "cell_particles": _integer(1), "steps_per_chunk": _integer(1),
+    "devices": _integer(0, "0 (all) or a positive number of devices"),
+    "convergence_window": _integer(1), "convergence_tol": _POSITIVE, "convergence_lr_fraction": _FRACTION,
+    "min_steps": _integer(0), "checkpoint_every": _integer(1),
+    # One draw has no spread: every interval and sd of the posterior needs at least two.
+    "num_posterior_samples": _integer(2, "an integer >= 2"),
+    "log_likelihood": _FLAG, "ppc": _FLAG, "refine": _choice(REFINEMENTS), "refine_warmup": _integer(1),
+    "refine_max_tree_depth": _integer(1), "refine_curvature_floor": _FRACTION, "refine_hessian_batch": _integer(1),
+    "seed": _integer(0),
+}
+# Said after a rule's message where the fix is not obvious from the key alone.
+_HINTS = {
+    ("model", "drift"): " (set [model] drift in the config TOML; the shipped config lcd_nonlinear selects the "
+                        "nonlinear drift)",
+}
+
+
+def check_settings(section: str, settings, rules: dict[str, Rule]) -> None:
+    """Check every field of the frozen dataclass ``settings`` against ``rules``; store numbers as
+    plain Python ``int`` and ``float`` (a numpy integer, or TOML's ``1`` for a float setting), so
+    that ``to_toml`` writes them back as TOML."""
+    for name, rule in rules.items():
+        value = getattr(settings, name)
+        if rule.kind is bool:
+            ok = isinstance(value, bool)
+        elif rule.kind is str:
+            ok = isinstance(value, str)
+        elif isinstance(value, (bool, str)):  # True is an int to Python, not a number to a user
+            ok = False
+        else:
+            try:  # an int setting refuses 2.0 (operator.index): TOML wrote it as a float on purpose
+                value = operator.index(value) if rule.kind is int else float(value)
+                ok = True
+            except (TypeError, ValueError):
+                ok = False
+        if not ok or not rule.allowed(value):
+            raise ValueError(f"[{section}] {name} must be {rule.says}, got {getattr(settings, name)!r}"
+                             + _HINTS.get((section, name), ""))
+        object.__setattr__(settings, name, value)
 
 
 class SimulationSettings(NamedTuple):
@@ -193,29 +290,13 @@ class ModelConfig:
     lna_doublings: int = 12  # Smith doublings of each condition's LNA covariance: 2**12 sim_dt steps
 
     def __post_init__(self):
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
-        if self.off_target not in ("untargeted", "all"):
-            raise ValueError(f"off_target must be 'untargeted' or 'all', got {self.off_target!r}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.link not in LINKS:
-            raise ValueError(f"link must be one of {LINKS}, got {self.link!r}")
-        if not (0 < self.dt < 1):
-            raise ValueError(f"dt must be in (0, 1), got {self.dt}")
-        if not (0 < self.max_spectral_radius < 1):
-            raise ValueError("max_spectral_radius must be in (0, 1)")
-        if self.drift not in DRIFTS:
-            raise ValueError(
-                f"drift must be one of {DRIFTS}, got {self.drift!r} (set [model] drift in the config TOML; "
-                "the shipped config lcd_nonlinear selects the nonlinear drift)"
-            )
+        check_settings("model", self, MODEL_RULES)
         if self.drift == "nonlinear":
-            self.simulation_settings()  # SimulationSettings.validate raises on settings that cannot run
-            if not (self.saturation_prior_median > 0 and self.saturation_prior_log_sd > 0 and self.input_offset_scale > 0):
-                raise ValueError("saturation_prior_median, saturation_prior_log_sd and input_offset_scale must be > 0")
-            if self.lna_doublings < 1:
-                raise ValueError(f"lna_doublings must be >= 1, got {self.lna_doublings}")
+            try:  # SimulationSettings.validate raises on settings that cannot run together
+                self.simulation_settings()
+            except ValueError as error:
+                raise ValueError(f"[model] sim_steps and sim_thin (the simulation's n_sample and thin): "
+                                 f"{error}") from None
 
     def simulation_settings(self, particles: int | None = None):
         """The particle simulation of the nonlinear drift's stationary law, as configured."""
@@ -302,26 +383,7 @@ class FitConfig:
         return "row_block" if n_genes <= ROW_BLOCK_MAX_GENES else "mean_field"
 
     def __post_init__(self):
-        if self.guide not in GUIDES:
-            raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
-        if self.steps < 0 or self.batch_size < 0 or self.steps_per_chunk < 1:
-            raise ValueError("steps and steps_per_chunk must be positive")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.refine not in REFINEMENTS:
-            raise ValueError(f"refine must be one of {REFINEMENTS}, got {self.refine!r}")
-        if self.refine_warmup < 1 or self.refine_max_tree_depth < 1 or self.refine_hessian_batch < 1:
-            raise ValueError("refine_warmup, refine_max_tree_depth and refine_hessian_batch must be positive")
-        if not 0 < self.refine_curvature_floor <= 1:
-            raise ValueError(f"refine_curvature_floor must be in (0, 1], got {self.refine_curvature_floor}")
-        if self.convergence_window < 1 or self.convergence_tol <= 0:
-            raise ValueError("convergence_window and convergence_tol must be positive")
-        if self.devices < 0:
-            raise ValueError(f"devices must be 0 (all) or a positive number of devices, got {self.devices}")
-        if self.cell_particles < 1:
-            raise ValueError(f"cell_particles must be a positive integer, got {self.cell_particles}")
-        if not isinstance(self.ppc, bool):
-            raise ValueError(f"ppc must be true or false, got {self.ppc!r}")
+        check_settings("fit", self, FIT_RULES)
 
 
 @dataclass(frozen=True)
@@ -429,12 +491,27 @@ class RunConfig:
         return "\n".join(lines)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "RunConfig":
+    def from_dict(cls, raw: dict, source: str | None = None) -> "RunConfig":
+        """The configuration a TOML document (as a dict) describes; every value is checked here
+        (``MODEL_RULES``, ``FIT_RULES``, ``DataConfig``). ``source`` (e.g. ``"config file
+        run/config.toml"``) starts every error message, so that it names the file as well as the key."""
+        try:
+            return cls._from_dict(raw)
+        except ValueError as error:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {error}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict) -> "RunConfig":
         sections = {"model": ModelConfig, "fit": FitConfig, "data": DataConfig}
         unknown = set(raw) - set(sections)
         if unknown:
             raise ValueError(f"unknown config sections {sorted(unknown)}; expected [model], [fit] and [data]")
         for section, klass in sections.items():
+            if not isinstance(raw.get(section, {}), dict):
+                raise ValueError(f"{section} must be a table: a [{section}] line followed by key = value lines, "
+                                 f"got {section} = {raw[section]!r}")
             names = {f.name for f in dataclasses.fields(klass)}
             bad = set(raw.get(section, {})) - names
             if bad:
@@ -487,15 +564,27 @@ def load_config(path: str | Path | None) -> RunConfig:
     if path is None:
         return RunConfig()
     path = Path(path)
+    if path.is_dir():
+        run_config = path / "config.toml"
+        raise ValueError(f"config {path} is a folder, not a TOML file"
+                         + (f" (a run folder: pass {run_config})" if run_config.is_file() else ""))
     if path.exists():
-        with open(path, "rb") as f:
-            return RunConfig.from_dict(tomllib.load(f))
+        return _read_toml(path.read_bytes(), f"config file {path}")
     shipped = resources.files(__package__) / SHIPPED_CONFIGS / f"{path.stem}.toml"
     if not shipped.is_file():
         raise FileNotFoundError(
             f"config file {path} not found, nor a shipped config of that name (shipped: {', '.join(shipped_configs())})"
         )
-    return RunConfig.from_dict(tomllib.loads(shipped.read_text(encoding="utf-8")))
+    return _read_toml(shipped.read_bytes(), f"shipped config {path.stem}")
+
+
+def _read_toml(content: bytes, source: str) -> RunConfig:
+    """The configuration in a TOML document; errors start with ``source``, the file's name."""
+    try:
+        raw = tomllib.loads(content.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"{source} is not valid TOML: {error}") from None
+    return RunConfig.from_dict(raw, source)
 
 
 def use_compilation_cache() -> Path | None:

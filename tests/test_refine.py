@@ -309,7 +309,7 @@ def test_laplace_refined_fit_is_wider_than_the_guide_and_says_how_it_was_made(ca
 def test_bad_laplace_settings_are_refused():
     with pytest.raises(ValueError, match="refine_curvature_floor must be in"):
         RunConfig().replace(fit={"refine_curvature_floor": 0.0})
-    with pytest.raises(ValueError, match="refine_hessian_batch must be positive"):
+    with pytest.raises(ValueError, match="refine_hessian_batch must be a positive integer"):
         RunConfig().replace(fit={"refine_hessian_batch": 0})
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..io.expression import UNS_KEY, canonical_label, expression, label_parts
+from ..io.run_folder import read_h5ad
 from ..io.screen import DataError, few
 
 __all__ = [
@@ -271,7 +272,7 @@ def _settings(pred: anndata.AnnData, perturbation_key, control, sep) -> dict:
 def _canonical_labels(adata: anndata.AnnData, key: str, control: str, sep: str, where: str) -> np.ndarray:
     if key not in adata.obs:
         raise DataError(f"{where}.obs has no column {key!r} (columns: {few(list(adata.obs.columns))}); "
-                        "pass perturbation_key= to name the condition column.")
+                        "pass perturbation_key= (CLI --perturbation-key) to name the condition column.")
     raw = adata.obs[key].astype(str).to_numpy()
     unique, inverse = np.unique(raw, return_inverse=True)
     return np.asarray([canonical_label(u, control, sep) for u in unique], dtype=object)[inverse]
@@ -335,11 +336,13 @@ def evaluate(pred: anndata.AnnData, observed: anndata.AnnData, *, perturbation_k
     if missing:
         raise DataError(f"observed has no cells of {len(missing)} predicted condition(s): {few(missing)}; "
                         f"observed {key!r} has {few(observed_conditions)}. Evaluate on held-out cells of "
-                        "the predicted conditions (or check perturbation_key=, control=, sep=).")
+                        "the predicted conditions (or check perturbation_key=, control=, sep=: CLI "
+                        "--perturbation-key, --control).")
     is_control = obs_labels == control
     if not is_control.any():
         raise DataError(f"observed has no control cells labelled {control!r} in {key!r} (it has "
-                        f"{few(observed_conditions)}); include control cells, or pass control= to name them.")
+                        f"{few(observed_conditions)}); include control cells, or pass control= (CLI --control) "
+                        "to name them.")
 
     x_pred = expression(pred, genes, where="predicted")
     x_obs = expression(observed, genes, layer=layer, total_counts_key=total_counts_key, where="observed")
@@ -491,7 +494,7 @@ def evaluate_files(pred_path, observed_path, out_dir=None, **kwargs) -> tuple[pd
     for path, what in ((pred_path, "prediction"), (observed_path, "observed")):
         if not path.is_file():
             raise FileNotFoundError(f"{what} file not found: {path} (expected an .h5ad file)")
-    table, aggregate = evaluate(anndata.read_h5ad(pred_path), anndata.read_h5ad(observed_path), **kwargs)
+    table, aggregate = evaluate(read_h5ad(pred_path), read_h5ad(observed_path), **kwargs)
     out_dir = Path(out_dir) if out_dir is not None else pred_path.with_name(f"{pred_path.stem}_evaluation")
     aggregate["settings"].update(pred_path=str(pred_path), observed_path=str(observed_path))
     write_evaluation(table, aggregate, out_dir)

@@ -43,7 +43,7 @@ from ..dynamics.stationary import stationary_law, stationary_means
 from ..inference.posterior import stacked_draws
 from ..io.expression import canonical_label, label_parts, prediction_anndata
 from ..io.run_folder import load_run
-from ..io.screen import DataError
+from ..io.screen import DataError, has_empty_part
 from ..model.program import count_distribution, link
 
 DEFAULT_CELL_DRAWS = 100  # posterior draws the predicted cells cycle over
@@ -58,7 +58,9 @@ PREDICT_PARTICLES = 64
 class Request(NamedTuple):
     """Requested conditions in terms of the run's perturbations."""
 
-    conditions: tuple[str, ...]  # canonical labels, in the order asked
+    # Labels as asked ("G12+G11" stays so, not the canonical "G11+G12"), so that the predicted cells
+    # join the user's own tables; a condition asked twice in different spellings keeps the first.
+    conditions: tuple[str, ...]
     design: np.ndarray  # (conditions, training perturbations) 0/1
     new_design: np.ndarray  # (conditions, new labels) 0/1
     new_targets: np.ndarray  # (new labels, genes) 0/1: the gene each new label targets
@@ -77,14 +79,21 @@ def parse_request(perturbations, record: dict, *, has_target_law: bool) -> Reque
     if not requested:
         raise DataError('no conditions requested; pass labels such as "A+B,C" (combinations joined '
                         f"by {sep!r}, conditions separated by commas)")
+    malformed = [label for label in requested if has_empty_part(label, sep)]
+    if malformed:
+        raise DataError(
+            f"labels {', '.join(map(repr, malformed))} have an empty part when split on {sep!r} (e.g. "
+            f"'A{sep}{sep}B' or a leading/trailing {sep!r}), which fit refuses in training data too; fix the "
+            "labels.")
     known = list(record["perturbations"])
     genes = list(record["genes"])
-    conditions, parts_of = [], []
+    conditions, canonical_seen, parts_of = [], set(), []
     for label in requested:
-        parts, canonical = label_parts(label, control, sep), canonical_label(label, control, sep)
-        if canonical not in conditions:
-            conditions.append(canonical)
-            parts_of.append(parts)
+        canonical = canonical_label(label, control, sep)
+        if canonical not in canonical_seen:
+            canonical_seen.add(canonical)
+            conditions.append(label)
+            parts_of.append(label_parts(label, control, sep))
 
     new_labels = sorted({p for parts in parts_of for p in parts if p not in known})
     unknown = [p for p in new_labels if p not in genes]
@@ -169,7 +178,9 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     conditions, order in ``uns["lcd_bayes"]["conditions"]``).
     """
     if int(n_cells) < 1:
-        raise ValueError(f"n_cells must be a positive number of cells per condition, not {n_cells}")
+        raise ValueError(f"n_cells (CLI --cells) must be a positive number of cells per condition, not {n_cells}")
+    if int(n_draws) < 1:
+        raise ValueError(f"n_draws (CLI --draws) must be a positive number of posterior draws, not {n_draws}")
     # A Laplace-refined run keeps the guide's draws too: its Laplace draws are for the effects'
     # intervals, and cells predicted from them were about twice as far off (docs/evaluation.md).
     source = "guide_posterior" if "guide_posterior" in tree.children else "posterior"

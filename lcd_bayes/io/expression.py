@@ -75,7 +75,9 @@ def expression(adata: anndata.AnnData, genes, *, layer: str | None = None,
         index = adata.var_names.get_indexer(genes)
         matrix = counts[:, index]
     else:
-        validate_counts(subset, matrix, where)
+        # Values can only be compared as counts or log1p-normalized here (no continuous option). A
+        # prediction's counts are scored however wild, not refused as corrupted data would be.
+        validate_counts(subset, matrix, where, continuous_option=None, plausible=space_of(adata) is None)
     values = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
     return normalize_log1p(values, target_sum)
 

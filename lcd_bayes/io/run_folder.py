@@ -25,15 +25,26 @@ import pandas as pd
 import xarray as xr
 
 from ..config import RunConfig, load_config
-from .screen import PerturbationData
+from .screen import DataError, PerturbationData
 
 
 def read_h5ad(path: str | Path) -> anndata.AnnData:
-    """Read an ``.h5ad`` file, with a plain ``FileNotFoundError`` when there is none."""
+    """Read an ``.h5ad`` file, with a plain ``FileNotFoundError`` when there is none and a
+    ``DataError`` saying what is expected when the path is not AnnData's HDF5 format."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    return anndata.read_h5ad(path)
+    expected = ("expected an .h5ad file, AnnData's HDF5 format as adata.write_h5ad(path) writes it (read other "
+                "formats with scanpy, e.g. sc.read_10x_h5 or sc.read_csv, and write them with write_h5ad)")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; {expected}.")
+    try:
+        return anndata.read_h5ad(path)
+    # Anything reading fails with: h5py's OSError "file signature not found" (not HDF5) or a truncated
+    # file, anndata's KeyError or TypeError on HDF5 that is not AnnData (a 10x .h5, say).
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise DataError(f"{path} could not be read ({type(error).__name__}: {reason}); {expected}.") from None
 
 
 def data_record(data: PerturbationData) -> dict:

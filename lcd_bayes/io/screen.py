@@ -34,6 +34,15 @@ __all__ = [
 _LOGNORM_MAX = 20.0
 # Rows (dense) or stored entries handled per pass, so validation never copies a large matrix.
 _BLOCK_ENTRIES = 10_000_000
+# A count is implausible, and refused, when it is more than this many times both the rest of its
+# cell's library (the cell's total over the other genes of the matrix, + 1) and its gene's 99th
+# percentile over the other cells (+ 1). Either alone happens in real screens: in Norman et al.
+# 2019 (500 genes, counts from log1p(X) and the library sizes) one cell held 189 counts of a gene
+# against 13 for the rest of its panel (14x), and in Gasperini et al. 2019 (366 genes) a count
+# reached 68x its gene's 99th percentile; but no count of either screen, nor of McFaline-Figueroa
+# et al. 2023, exceeded both by more than 2.6x. A corrupted value (1e12 among counts of tens) exceeds
+# both by orders of magnitude, and alone it would set its cell's size factor and move the effects.
+IMPLAUSIBLE_RATIO = 100.0
 # Labels that usually mean "unperturbed"; used only to suggest a `control=` value.
 _CONTROL_NAMES = ("control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "safe-targeting")
 # obs columns that often hold library sizes; used only to suggest a `total_counts_key=` value.
@@ -112,6 +121,12 @@ def few(names, limit: int = 8) -> str:
     if len(names) > limit:
         shown += f", ... ({len(names) - limit} more)"
     return shown
+
+
+def has_empty_part(label: str, sep: str) -> bool:
+    """Whether a label split on ``sep`` has an empty part ("A++B", "A+", "+A"): a malformed label,
+    refused by the loader and by prediction alike."""
+    return any(not piece.strip() for piece in str(label).split(sep))
 
 
 def label_parts(label: str, control: str, sep: str) -> tuple[str, ...]:
@@ -329,7 +344,7 @@ def _select_source(adata, layer, continuous, total_counts_key) -> tuple[Any, str
             available = few(layers) if layers else "none"
             raise DataError(
                 f"layer {layer!r} is not in adata.layers (available layers: {available}). "
-                "Pass layer= naming one of them, or layer=None to use adata.X."
+                "Pass layer= (CLI --layer) naming one of them, or leave it out to use adata.X."
             )
         return adata.layers[layer], f"layer {layer!r}"
     # A "counts" layer is the scanpy/scvi-tools convention for raw counts kept next to a
@@ -339,38 +354,77 @@ def _select_source(adata, layer, continuous, total_counts_key) -> tuple[Any, str
     return adata.X, "adata.X"
 
 
-def _lognorm_hint(adata) -> str:
-    """The three ways out when counts look log-normalized, with the user's own names."""
+# How to model values as they are, where the caller can (fit); evaluate and the baselines compare
+# counts or log1p-normalized values only, so their messages leave this option out.
+CONTINUOUS_OPTION = "continuous=True (CLI --likelihood gaussian)"
+
+
+def _lognorm_hint(adata, continuous_option: str | None) -> str:
+    """The ways out when counts look log-normalized, with the user's own names."""
     layers = _layer_names(adata)
     layer_hint = (
-        f"pass layer= naming a layer that holds raw counts (available layers: {few(layers)})"
+        f"pass layer= (CLI --layer) naming a layer that holds raw counts (available layers: {few(layers)})"
         if layers
-        else "pass layer= naming a layer that holds raw counts (this AnnData has no layers)"
+        else "pass layer= (CLI --layer) naming a layer that holds raw counts (this AnnData has no layers)"
     )
     found = [c for c in adata.obs.columns if str(c) in _TOTAL_COUNTS_NAMES]
     key_hint = f"total_counts_key={str(found[0])!r}" if found else "total_counts_key=<obs column>"
     return (
         f"Either {layer_hint}; or convert explicitly with {key_hint} (CLI --total-counts-key), "
         "naming the obs column of total counts per cell before normalization, which computes "
-        "round(expm1(X) * total_counts / target_sum); or model the values as they are with "
-        "continuous=True (CLI --likelihood gaussian)."
+        "round(expm1(X) * total_counts / target_sum)"
+        + (f"; or model the values as they are with {continuous_option}." if continuous_option else ".")
     )
 
 
-def validate_counts(adata, matrix, where: str) -> None:
-    """Counts must be finite, non-negative whole numbers; say which rule failed and why."""
+def _implausible_counts(matrix) -> list[tuple[int, int, float, float, float]]:
+    """``(cell, gene, count, rest of the cell's library, gene's 99th percentile elsewhere)`` of every
+    count above ``IMPLAUSIBLE_RATIO`` times both (see there), largest first."""
+    totals = _row_totals(matrix)
+    if sp.issparse(matrix):
+        rows = _row_of_entry(matrix)
+        values = matrix.data.astype(np.float64)
+        hit = values > IMPLAUSIBLE_RATIO * (totals[rows] - values + 1)
+        cells, genes, counts = rows[hit], matrix.indices[hit], values[hit]
+    else:
+        found = []
+        step = max(1, _BLOCK_ENTRIES // max(1, matrix.shape[1]))
+        for start in range(0, matrix.shape[0], step):
+            block = np.asarray(matrix[start : start + step], dtype=np.float64)
+            r, c = np.nonzero(block > IMPLAUSIBLE_RATIO * (totals[start : start + step, None] - block + 1))
+            found.append((r + start, c, block[r, c]))
+        cells, genes, counts = (np.concatenate(parts) for parts in zip(*found)) if found else ([], [], [])
+    implausible = []
+    for gene in np.unique(genes):  # few: a count above 99% of its cell's library is rare in real data
+        column = matrix[:, [gene]]
+        column = np.asarray(column.toarray() if sp.issparse(column) else column, dtype=np.float64).ravel()
+        others = np.delete(column, cells[genes == gene])
+        percentile = float(np.quantile(others, 0.99)) if others.size else 0.0
+        for cell, count in zip(cells[genes == gene], counts[genes == gene]):
+            if count > IMPLAUSIBLE_RATIO * (percentile + 1):
+                implausible.append((int(cell), int(gene), float(count), float(totals[cell] - count), percentile))
+    return sorted(implausible, key=lambda hit: -hit[2])
+
+
+def validate_counts(adata, matrix, where: str, continuous_option: str | None = CONTINUOUS_OPTION,
+                    plausible: bool = True) -> None:
+    """Counts must be finite, non-negative whole numbers and, with ``plausible``, none implausibly
+    large (``IMPLAUSIBLE_RATIO``); say which rule failed and why. ``continuous_option`` names how
+    the caller models values that are not counts, or None where it cannot."""
     stats = _value_stats(matrix)
     if stats.n_nonfinite:
         raise DataError(
             f"{where} has {stats.n_nonfinite} NaN or infinite values; counts must be finite. "
             "Fix the matrix (e.g. replace NaN by 0 where a gene was not measured) or pass layer= "
-            "naming a clean counts layer."
+            "(CLI --layer) naming a clean counts layer."
         )
     if stats.n_negative:
         raise DataError(
             f"{where} has {stats.n_negative} negative values (minimum {stats.min:.4g}); counts "
-            "cannot be negative. If the data are scaled or centred, pass continuous=True "
-            "(CLI --likelihood gaussian); if a layer holds raw counts, pass layer=."
+            "cannot be negative. "
+            + (f"If the data are scaled or centred, pass {continuous_option}; if" if continuous_option
+               else "Scaled or centred values cannot be compared here; if")
+            + " a layer holds raw counts, pass layer= (CLI --layer)."
         )
     if stats.n_fractional:
         looks_lognorm = stats.max <= _LOGNORM_MAX and (
@@ -381,12 +435,27 @@ def validate_counts(adata, matrix, where: str) -> None:
                 f"{where} does not hold counts: the data look log-normalized ({stats.n_fractional} "
                 f"of {stats.n_nonzero} non-zero values are not whole numbers, e.g. "
                 f"{stats.example_fractional:.4g}, and the maximum is {stats.max:.3g}). "
-                + _lognorm_hint(adata)
+                + _lognorm_hint(adata, continuous_option)
             )
         raise DataError(
             f"{where} has {stats.n_fractional} non-integer values (e.g. {stats.example_fractional:.4g}); "
-            "counts must be whole numbers. Pass layer= naming a layer of raw counts, or "
-            "continuous=True (CLI --likelihood gaussian) to model the values as they are."
+            "counts must be whole numbers. Pass layer= (CLI --layer) naming a layer of raw counts"
+            + (f", or {continuous_option} to model the values as they are." if continuous_option else ".")
+        )
+    implausible = _implausible_counts(matrix) if plausible else []
+    if implausible:
+        cell, gene, count, rest, percentile = implausible[0]
+        cells = list(dict.fromkeys(str(adata.obs_names[hit[0]]) for hit in implausible))
+        which = ("an implausible count" if len(implausible) == 1
+                 else f"{len(implausible)} implausible counts, the largest")
+        raise DataError(
+            f"{where} has {which} {count:.6g} of gene {str(adata.var_names[gene])!r} in cell "
+            f"{str(adata.obs_names[cell])!r}: more than "
+            f"{IMPLAUSIBLE_RATIO:g}x both the rest of that cell's library ({rest:.6g} counts over the other "
+            f"genes) and the gene's 99th percentile in the other cells ({percentile:.4g}). A count that large "
+            "is a corrupted value (an overflow, a unit or join error), and alone it would set the cell's size "
+            f"factor. Correct it, or drop the cell{'s' if len(cells) > 1 else ''}: "
+            f"adata = adata[~adata.obs_names.isin({cells[:10]!r})].copy()."
         )
 
 
@@ -493,8 +562,8 @@ def _parse_labels(adata, perturbation_key: str, control: str, sep: str, min_cell
     if perturbation_key not in adata.obs.columns:
         raise DataError(
             f"perturbation_key {perturbation_key!r} is not a column of adata.obs (columns: "
-            f"{few(adata.obs.columns, 20)}). Pass perturbation_key= naming the column that holds "
-            "each cell's perturbation label."
+            f"{few(adata.obs.columns, 20)}). Pass perturbation_key= (CLI --perturbation-key) naming the column "
+            "that holds each cell's perturbation label."
         )
     column = adata.obs[perturbation_key]
     missing = column.isna().to_numpy()
@@ -516,7 +585,7 @@ def _parse_labels(adata, perturbation_key: str, control: str, sep: str, min_cell
             parsed.append(())
             continue
         pieces = [piece.strip() for piece in label.split(sep)]
-        if any(not piece for piece in pieces):
+        if has_empty_part(label, sep):
             bad_parts.append(label)
         # GEARS writes single perturbations as "A+ctrl": a control part means "nothing added".
         parsed.append(tuple(sorted({piece for piece in pieces if piece and piece != control})))
@@ -529,7 +598,7 @@ def _parse_labels(adata, perturbation_key: str, control: str, sep: str, min_cell
         raise DataError(
             f"labels {few(bad_parts)} in obs[{perturbation_key!r}] have an empty part when split on "
             f"sep={sep!r} (e.g. 'A{sep}{sep}B' or a leading/trailing {sep!r}). Fix the labels, or pass "
-            "sep= if combinations use another separator."
+            "sep= (CLI --sep) if combinations use another separator."
         )
 
     if not any(len(p) == 0 for p in parsed):
@@ -561,15 +630,15 @@ def _parse_labels(adata, perturbation_key: str, control: str, sep: str, min_cell
         too_small = set(small.tolist()) - {0}
         raw = [str(label) for label, p in zip(unique, parsed) if index_of[p] in too_small]
         fix = (
-            f"Drop them, e.g. adata = adata[~adata.obs[{perturbation_key!r}].isin({raw!r})], "
-            f"or lower min_cells_per_condition (now {min_cells})."
+            f"Drop their cells before fitting, e.g. adata = adata[~adata.obs[{perturbation_key!r}]"
+            f".isin({raw!r})].copy() (and adata.write_h5ad(...) for the command line)."
             if raw
-            else f"Lower min_cells_per_condition (now {min_cells})."
+            else ""
         )
         control_note = " The control needs more cells: every effect is measured against it." if 0 in small else ""
         raise DataError(
             f"{small.size} conditions have fewer than {min_cells} cells: {named}; too few to "
-            f"estimate a condition's effect.{control_note} {fix}"
+            f"estimate a condition's effect.{control_note} {fix}".rstrip()
         )
     return condition, conditions, condition_parts
 
@@ -724,7 +793,7 @@ def load_perturbation_data(
     min_cells_per_condition : int
         Conditions (control included) with fewer cells are an error.
     min_genes : int
-        Fewer modelled genes are an error.
+        Fewer modelled genes (with any counts) are an error.
 
     Returns
     -------
@@ -733,12 +802,15 @@ def load_perturbation_data(
     Raises
     ------
     DataError
-        For every problem with the input, before any computation on it.
+        For every problem with the input, before any computation on it; counts more than
+        ``IMPLAUSIBLE_RATIO`` times both the rest of their cell's library and their gene's 99th
+        percentile are refused as corrupted.
 
     Warns
     -----
     LcdBayesWarning
-        When modelled genes have zero total counts, a target of the mapping or of
+        When selected genes have zero counts in every cell (they are left out of the model:
+        effects into a gene never observed are not data), a target of the mapping or of
         ``predict_targets`` exists but is not among ``genes``, ``n_top_genes`` leaves out
         targets, or the log-normalized conversion lands far from whole numbers.
 
@@ -752,6 +824,11 @@ def load_perturbation_data(
         adata, perturbation_key, control, sep, genes, n_top_genes, gene_ranking, continuous, total_counts_key,
         target_sum, min_cells_per_condition, min_genes,
     )
+    if adata.n_obs == 0:
+        raise DataError(
+            f"the data hold no cells (0 cells x {adata.n_vars} genes); check the file, or the filter that "
+            "made it."
+        )
     requested = _requested_labels(predict_targets, control, sep)
     var_names = [str(g) for g in adata.var_names]
     duplicated = [g for g, n in Counter(var_names).items() if n > 1]
@@ -763,12 +840,13 @@ def load_perturbation_data(
     gene_index = _resolve_genes(var_names, genes)
     if gene_index is not None and len(gene_index) < min_genes:
         raise DataError(
-            f"genes= lists {len(gene_index)} genes but at least min_genes={min_genes} are needed; "
-            "pass more genes."
+            f"genes= lists {len(gene_index)} genes, but the model needs at least {min_genes}; list more "
+            "genes (genes=, or [data] genes in a --config TOML)."
         )
     if len(var_names) < min_genes:
         raise DataError(
-            f"adata has {len(var_names)} genes but at least min_genes={min_genes} are needed."
+            f"adata has {len(var_names)} genes, but the model needs at least {min_genes}; read a file "
+            "with more genes."
         )
     raw_matrix, where = _select_source(adata, layer, continuous, total_counts_key)
     matrix = as_matrix(raw_matrix)
@@ -844,10 +922,35 @@ def load_perturbation_data(
                 requested=columns(requested), trained=columns(perturbations), ranking=gene_ranking,
                 names=var_names,
             ).tolist()
+    # One canonical array, C-ordered float32, whatever the storage (dense C or Fortran order, CSR,
+    # CSC, integers): float32 sums depend on the memory order, and a Fortran-ordered copy of the
+    # same counts moved a gene's mean in the last place, and so the whole fit.
+    selected = matrix[:, gene_index]
+    counts = np.ascontiguousarray(selected.toarray() if sp.issparse(selected) else selected, dtype=np.float32)
+    if not continuous:
+        observed = _column_sums(counts) > 0
+        if not observed.all():
+            # A gene never observed carries no information about any effect, yet a model that keeps it
+            # still fits effects into it (confident edges into a gene of zeros): it is left out.
+            silent = [var_names[i] for i, seen in zip(gene_index, observed) if not seen]
+            targeted = [label for label in perturbations if set(target_names[label]) & set(silent)]
+            warnings.warn(
+                f"genes with zero counts in every cell are left out of the model ({len(silent)} of the "
+                f"{len(gene_index)} selected): {few(silent)}."
+                + (f" Labels that targeted them ({few(targeted)}) are modelled through off-target shifts."
+                   if targeted else ""),
+                LcdBayesWarning,
+                stacklevel=2,
+            )
+            gene_index = [i for i, seen in zip(gene_index, observed) if seen]
+            counts = np.ascontiguousarray(counts[:, observed])
     if len(gene_index) < min_genes:
+        fix = ("raise n_top_genes (CLI --n-top-genes)" if n_top_genes is not None else
+               "list more genes (genes=, or [data] genes in a --config TOML)" if explicit else
+               "read a file with more genes")
         raise DataError(
-            f"only {len(gene_index)} genes were selected but at least min_genes={min_genes} are "
-            "needed; raise n_top_genes."
+            f"only {len(gene_index)} genes with any counts were selected, but the model needs at least "
+            f"{min_genes}; {fix}."
         )
     modelled = tuple(var_names[i] for i in gene_index)
     column_of = {g: j for j, g in enumerate(modelled)}
@@ -876,17 +979,6 @@ def load_perturbation_data(
         for label in parts:
             design[row, label_column[label]] = 1.0
 
-    selected = matrix[:, gene_index]
-    counts = np.asarray(selected.toarray() if sp.issparse(selected) else selected, dtype=np.float32)
-    if not continuous:
-        silent = [modelled[j] for j in np.flatnonzero(_column_sums(counts) == 0)]
-        if silent:
-            warnings.warn(
-                f"{len(silent)} modelled genes have zero counts in every cell: {few(silent)}. They "
-                "are kept but carry no information; pass genes= without them to drop them.",
-                LcdBayesWarning,
-                stacklevel=2,
-            )
 
     return PerturbationData(
         counts=counts,
