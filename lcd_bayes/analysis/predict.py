@@ -139,7 +139,7 @@ def parse_times(times) -> np.ndarray:
             raise DataError(f"time {item!r} must be a finite number >= 0: times count from the moment the "
                             "perturbation switches on (t = 0 is the control's stationary state)")
         values.append(value)
-    return np.array(list(dict.fromkeys(values)), dtype=np.float32)
+    return np.array(list(dict.fromkeys(values)))  # float64: the times as given label cells and table rows
 
 
 def condition_offsets(draws: dict, request: Request, key: jax.Array) -> jax.Array:
@@ -237,7 +237,7 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         if times is not None:
             # Every (condition, time) becomes one condition of the stationary code below: the law at
             # time t differs from a stationary one only in its mean (dynamics.transient).
-            means = _trajectory_means(draws["drift"], draws["basal_drift"], means, jnp.asarray(times))
+            means = _trajectory_means(draws["drift"], draws["basal_drift"], means, jnp.asarray(times, means.dtype))
         sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
     if summaries:
         expected = _expected_expression(means, sds, draws, model, library)
@@ -266,8 +266,8 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     adata.obs["size_factor"] = size_factor.reshape(-1)
     adata.obs["draw"] = draw_index.reshape(-1)
     if times is not None:
-        adata.obs["time"] = np.tile(np.repeat(times.astype(float), int(n_cells)), len(request.conditions))
-        adata.uns["lcd_bayes"]["times"] = times.astype(float)
+        adata.obs["time"] = np.tile(np.repeat(times, int(n_cells)), len(request.conditions))
+        adata.uns["lcd_bayes"]["times"] = times
         if summaries:
             adata.uns["lcd_bayes"]["trajectories"] = table
     elif summaries:
@@ -306,7 +306,7 @@ def _trajectory_summary(expected: np.ndarray, conditions, times: np.ndarray, gen
     q05, q50, q95 = np.quantile(expected, [(1 - INTERVAL) / 2, 0.5, (1 + INTERVAL) / 2], axis=0)
     return pd.DataFrame({
         "condition": np.repeat(np.array(conditions, dtype=object), times.size * n_genes),
-        "time": np.tile(np.repeat(times.astype(float), n_genes), len(conditions)),
+        "time": np.tile(np.repeat(times, n_genes), len(conditions)),
         "gene": np.tile(np.asarray(genes, dtype=object), len(conditions) * times.size),
         "mean": expected.mean(axis=0).reshape(-1), "q05": q05.reshape(-1), "q50": q50.reshape(-1),
         "q95": q95.reshape(-1),
