@@ -106,14 +106,16 @@ class Run:
         return summary_to_table(summary)
 
     def predict(self, perturbations, *, n_cells: int = 100, n_draws: int = DEFAULT_CELL_DRAWS,
-                seed: int = 0) -> anndata.AnnData:
+                seed: int = 0, times=None) -> anndata.AnnData:
         """Predicted cells of each condition in ``perturbations`` (``"A+B,C"`` or a list of
         labels: combinations of trained labels, or single perturbations of modelled genes), with
         per-gene expected expression and its 90% interval in ``varm``
-        (``lcd_bayes.analysis.predict.predict_posterior``)."""
+        (``lcd_bayes.analysis.predict.predict_posterior``). ``times`` (``"0.1,1,5"`` or numbers,
+        linear drift): cells at those times after the perturbation switches on in control cells
+        (``obs["time"]``), and the mean trajectory's table in ``uns["lcd_bayes"]["trajectories"]``."""
         name = str(self.folder.resolve()) if self.folder is not None else "in memory"
         return predict_posterior(self.posterior, self.config, self.record, perturbations, n_cells=n_cells,
-                                 n_draws=n_draws, seed=seed, run_name=name)
+                                 n_draws=n_draws, seed=seed, run_name=name, times=times)
 
     def save(self, folder: str | Path) -> Path:
         """Write the run folder (``config.toml``, ``data.json``, ``posterior.nc``, ``elbo.csv``,

@@ -34,18 +34,23 @@ def _add_simulate(sub):
     p.add_argument("--expected-degree", type=float, default=10.0)
     p.add_argument("--drift", choices=("linear", "nonlinear"), default="linear",
                    help="latent drift family: nonlinear saturates regulation, so doubles do not add up")
+    p.add_argument("--times", default=None, metavar="0.1,0.5,1,5",
+                   help="time course (linear drift): cells of each condition at these times after its shift "
+                        "switched on in control cells (obs['time']), instead of the stationary state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .h5ad")
     p.set_defaults(func=_simulate)
 
 
 def _simulate(args):
+    from .analysis.predict import parse_times
     from .sim.linear import simulate
 
     adata = simulate(
         args.genes, n_perturbed=args.perturbations, n_doubles=args.doubles,
         cells_per_condition=args.cells_per_perturbation, likelihood=args.likelihood,
         link=args.link, expected_degree=args.expected_degree, drift=args.drift, seed=args.seed,
+        times=None if args.times is None else parse_times(args.times),
     )
     adata.write_h5ad(args.out)
     print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "
@@ -219,6 +224,10 @@ def _add_predict(sub):
     p.add_argument("--cells", type=int, default=100, help="cells per condition")
     p.add_argument("--draws", type=int, default=100, help="posterior draws the cells cycle over")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--times", default=None, metavar="0.1,0.5,1,5",
+                   help="time course (linear drift): cells at these times (model units, >= 0) after the "
+                        "perturbation switches on in control cells, and the mean trajectory with 90%% "
+                        "intervals in OUT_trajectories.csv and OUT_trajectories.png")
     p.add_argument("--out", default=None, help="output .h5ad (default: RUN/predictions.h5ad)")
     p.set_defaults(func=_predict)
 
@@ -227,9 +236,20 @@ def _predict(args):
     from .api import load
 
     start = time.perf_counter()
-    adata = load(args.run).predict(args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed)
+    adata = load(args.run).predict(args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed,
+                                   times=args.times)
     out = Path(args.out) if args.out else Path(args.run) / "predictions.h5ad"
     _write_prediction(adata, out, start)
+    if args.times is not None:
+        from .analysis.predict import trajectory_table
+        from .pl import save_trajectories
+
+        table = trajectory_table(adata)
+        stem = out.with_suffix("")
+        table.to_csv(f"{stem}_trajectories.csv", index=False)
+        save_trajectories(table, f"{stem}_trajectories.png")
+        print(f"wrote {stem}_trajectories.csv ({len(table)} rows: condition, time, gene, mean, q05, q50, q95) "
+              f"and {stem}_trajectories.png")
 
 
 def _write_prediction(adata, out: Path, start: float) -> None:

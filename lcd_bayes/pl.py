@@ -1,12 +1,14 @@
-"""Figures of a run: ELBO trace, edge-probability heatmap, forest plot, causal network, and the
-posterior predictive check.
+"""Figures of a run: ELBO trace, edge-probability heatmap, forest plot, causal network, the
+posterior predictive check, and predicted time courses.
 
 Each figure draws into a matplotlib ``Axes`` and returns it: ``elbo(run, ax=ax)``,
 ``edge_heatmap(run, ax=ax)``, ``forest(run, ax=ax)``, ``network(run, ax=ax)``, ``ppc(run, ax=ax)``
 and ``ppc_correlations(run, ax=ax)`` take a run (``lcd_bayes.Run``, or anything with its
 ``losses``, ``clipr`` and ``ppc``) or a run folder, and draw into a new pyplot figure when ``ax``
-is None. The ``plot_*`` functions underneath take the arrays themselves. ``report_run`` writes the
-edge figures of a folder as PNGs, ``save_ppc`` the check's, each on its own
+is None. ``trajectories(prediction, ax=ax)`` takes a prediction made with ``times`` (or its
+trajectory table). The ``plot_*`` functions underneath take the arrays themselves. ``report_run``
+writes the edge figures of a folder as PNGs, ``save_ppc`` the check's, ``save_trajectories`` the
+time courses', each on its own
 ``matplotlib.figure.Figure`` (no pyplot state, so any backend, Agg included, works).
 """
 from __future__ import annotations
@@ -25,11 +27,13 @@ from matplotlib.patches import FancyArrowPatch
 from .analysis.clipr import load_clipr, summary_at, summary_to_table
 from .analysis.ppc import GROUP as PPC_GROUP
 from .analysis.ppc import MIN_TOP_DE_CORRELATION, ppc_table
+from .analysis.predict import trajectory_table
 from .io.run_folder import load_datatree
 
 MAX_TICK_LABELS = 60  # beyond this many genes, tick labels overlap into a black bar
 POSITIVE, NEGATIVE = "tab:red", "tab:blue"
-FIGSIZE = {"elbo": (7, 4), "network": (7, 7), "ppc": (5, 5)}
+FIGSIZE = {"elbo": (7, 4), "network": (7, 7), "ppc": (5, 5), "trajectories": (6, 4)}
+MAX_TRAJECTORIES = 8  # genes drawn per condition by default: more lines than colours blur together
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
@@ -258,6 +262,59 @@ def save_ppc(run, path: str | Path) -> Path:
     left, right = figure.subplots(1, 2)
     plot_ppc(table, ax=left)
     plot_ppc_correlations(table, ax=right)
+    figure.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_trajectories(table: pd.DataFrame, *, condition: str | None = None, genes=None,
+                      ax: Axes | None = None) -> Axes:
+    """One condition's predicted mean trajectory per gene: the posterior median of the expected
+    expression against the time since the perturbation switched on, with its 90% band.
+
+    ``table``: a trajectory table (``lcd_bayes.analysis.predict.trajectory_table``). ``condition``
+    defaults to the first one in it; ``genes`` to the ``MAX_TRAJECTORIES`` that move most between
+    the first and the last time.
+    """
+    condition = str(table["condition"].iloc[0]) if condition is None else condition
+    rows = table[table["condition"] == condition]
+    if rows.empty:
+        raise ValueError(f"condition {condition!r} is not in the trajectory table (it holds "
+                         f"{', '.join(map(repr, table['condition'].unique()))})")
+    by_gene = {gene: part.sort_values("time") for gene, part in rows.groupby("gene", sort=False)}
+    if genes is None:
+        moved = {gene: abs(part["q50"].iloc[-1] - part["q50"].iloc[0]) for gene, part in by_gene.items()}
+        genes = sorted(moved, key=moved.get, reverse=True)[:MAX_TRAJECTORIES]
+    missing = [gene for gene in genes if gene not in by_gene]
+    if missing:
+        raise ValueError(f"genes {missing[:5]} are not in the trajectory table")
+    ax = _axes(ax, FIGSIZE["trajectories"])
+    for gene in genes:
+        part = by_gene[gene]
+        line, = ax.plot(part["time"], part["q50"], "o-", ms=3, lw=1.2, label=str(gene))
+        ax.fill_between(part["time"], part["q05"], part["q95"], color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("time since the perturbation switched on (model units)")
+    ax.set_ylabel("expected expression (median, 90% interval)")
+    ax.set_title(f"{condition}: predicted time course")
+    ax.legend(frameon=False, fontsize=8, loc="best", ncol=2 if len(genes) > 4 else 1)
+    return ax
+
+
+def trajectories(prediction, *, condition: str | None = None, genes=None, ax: Axes | None = None) -> Axes:
+    """The predicted time course of one condition per gene (``plot_trajectories``); ``prediction``
+    is an AnnData from ``predict(..., times=...)`` or its trajectory table."""
+    table = prediction if isinstance(prediction, pd.DataFrame) else trajectory_table(prediction)
+    return plot_trajectories(table, condition=condition, genes=genes, ax=ax)
+
+
+def save_trajectories(prediction, path: str | Path) -> Path:
+    """Write the time courses of every condition of a prediction made with ``times`` (or of its
+    trajectory table), one panel per condition, as a PNG."""
+    table = prediction if isinstance(prediction, pd.DataFrame) else trajectory_table(prediction)
+    conditions = list(dict.fromkeys(table["condition"]))
+    width, height = FIGSIZE["trajectories"]
+    figure = Figure(figsize=(width, height * len(conditions)), layout="constrained")
+    for condition, ax in zip(conditions, np.atleast_1d(figure.subplots(len(conditions), 1, squeeze=False)[:, 0])):
+        plot_trajectories(table, condition=condition, ax=ax)
     figure.savefig(path, dpi=120)
     return Path(path)
 

@@ -17,6 +17,10 @@ Diffusions paper: an Erdős–Rényi graph, signed weights of magnitude
 ``U[1, 3]``, a diagonal shift that makes the drift stable, and on-target shift
 interventions of magnitude ``U[5, 15]``.
 
+``simulate(..., times=[...])`` runs the linear diffusion forward in time instead: cells start at the
+control's stationary law, each condition's shift switches on at ``t = 0``, and cells are drawn at
+the given times by the exact Ornstein–Uhlenbeck transition (``ou_transition``; no discretization).
+
 ``simulate(..., drift="nonlinear")`` draws the latent states from the contracting nonlinear
 diffusion of :mod:`lcd_bayes.sim.nonlinear` instead (saturating regulation, so double
 perturbations interact), with the same graph protocol, design and observation models.
@@ -29,7 +33,7 @@ from typing import Any, NamedTuple
 import anndata
 import numpy as np
 import pandas as pd
-from scipy.linalg import solve_continuous_lyapunov
+from scipy.linalg import expm, solve_continuous_lyapunov
 
 from . import nonlinear as nl
 from .graphs import effect_matrix, random_graph_weights
@@ -43,6 +47,7 @@ __all__ = [
     "LinearSystem",
     "random_linear_system",
     "stationary_moments",
+    "ou_transition",
     "simulate",
     "truth_from_uns",
 ]
@@ -252,6 +257,25 @@ def stationary_moments(system: LinearSystem, shift: np.ndarray) -> tuple[np.ndar
     # The solver's output is symmetric only up to round-off; Cholesky wants exact.
     covariance = 0.5 * (covariance + covariance.T)
     return mean, covariance
+
+
+def ou_transition(system: LinearSystem, shift: np.ndarray, start: np.ndarray, time: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """States at ``time`` of cells that were at ``start`` when the shift switched on at ``t = 0``.
+
+    The exact transition of ``dx = (A x + b + c) dt + sigma dW``: with ``P = exp(A t)`` and the
+    stationary law ``N(m, Sigma)`` of the shifted drift,
+
+        x(t) = m + P (x(0) - m) + eta,      eta ~ N(0, Sigma - P Sigma P^T)
+
+    (``Sigma - P Sigma P^T = int_0^t exp(A s) sigma^2 exp(A s)^T ds``, the noise gathered on the
+    way). ``shift`` (genes,), ``start`` (cells, genes); returns (cells, genes).
+    """
+    mean, covariance = stationary_moments(system, shift)
+    propagator = expm(float(time) * np.asarray(system.drift, dtype=float))
+    gathered = covariance - propagator @ covariance @ propagator.T
+    noise = rng.standard_normal(start.shape) @ _covariance_factor(0.5 * (gathered + gathered.T)).T
+    return mean + (start - mean) @ propagator.T + noise
 
 
 def _covariance_factor(covariance: np.ndarray) -> np.ndarray:
@@ -466,6 +490,7 @@ def simulate(
     seed: int | None = 0,
     drift: str = "linear",
     saturation: float = 1.0,
+    times=None,
 ) -> anndata.AnnData:
     """Simulate a perturbation screen from a random latent causal diffusion.
 
@@ -518,6 +543,11 @@ def simulate(
         Saturation scale of the nonlinear regulation in latent units (``drift="nonlinear"``
         only; default 1): regulation moves a gene by at most this from its midpoint, and
         saturates once its summed input moves by about ``saturation * decay``.
+    times : sequence of float, optional
+        Time course (linear drift only): ``cells_per_condition`` cells of every condition at each
+        time ``>= 0`` after its shift switched on in cells at the control's stationary law, by the
+        exact transition (``ou_transition``); ``obs["time"]`` holds each cell's time. Without it
+        (default) cells are at the stationary state.
 
     Returns
     -------
@@ -526,6 +556,9 @@ def simulate(
         ``obs["size_factor"]`` for count likelihoods, ``uns["lcd_truth"]``
         (read it with :func:`truth_from_uns`) and ``uns["lcd_simulation"]``
         (the arguments; ``simulate(**uns["lcd_simulation"])`` reproduces the run).
+        With ``times``: ``obs["time"]``, cells ordered by condition, then time, and the truth's
+        ``times`` and ``trajectory_mean`` (conditions, times, genes), the exact mean
+        ``m_q + exp(A t) (m_0 - m_q)``.
         For ``drift="nonlinear"`` the truth's ``drift`` is the Jacobian of the drift at the
         control fixed point and ``effect`` its transpose with zero diagonal (the linearised
         causal effects); see :func:`truth_from_uns` for the extra keys.
@@ -544,6 +577,12 @@ def simulate(
         raise ValueError(f"drift must be one of {DRIFTS}; got {drift!r}")
     if drift == "nonlinear":
         saturation = _as_float("saturation", saturation, positive=True)
+    if times is not None:
+        if drift != "linear":
+            raise ValueError("times (a time course) is simulated for the linear drift only")
+        times = np.atleast_1d(np.asarray(times, dtype=float))
+        if times.ndim != 1 or times.size == 0 or not np.all(np.isfinite(times)) or np.any(times < 0):
+            raise ValueError(f"times must be one or more finite numbers >= 0; got {times!r}")
     if shift_range is None:
         shift_range = DEFAULT_SHIFT_RANGE[drift]
     shift_range = _as_range("shift_range", shift_range)
@@ -602,6 +641,17 @@ def simulate(
         condition_index = np.repeat(np.arange(len(conditions)), n_cells)
         noise = rng_cells.standard_normal((condition_index.size, d))
         latent = condition_mean[condition_index] + noise @ _covariance_factor(covariance).T
+        if times is not None:
+            # The stationary draws of the control are the start; each condition's cells move from
+            # there by the exact transition, a fresh set of cells per time (cells are destroyed by
+            # measurement, so no cell is seen twice). Order: condition, then time, then cell.
+            condition_index = np.repeat(np.arange(len(conditions)), times.size * n_cells)
+            start = condition_mean[0] + rng_cells.standard_normal((condition_index.size, d)) @ _covariance_factor(covariance).T
+            blocks = [(q, t) for q in range(len(conditions)) for t in times]
+            latent = np.concatenate([
+                ou_transition(system, condition_shift[q], start[i * n_cells:(i + 1) * n_cells], t, rng_cells)
+                for i, (q, t) in enumerate(blocks)
+            ])
         truth = {
             "drift": system.drift,
             "effect": system.effect,
@@ -616,11 +666,18 @@ def simulate(
             "conditions": conditions,
             "condition_mean": condition_mean,
         }
+        if times is not None:
+            propagators = np.stack([expm(t * system.drift) for t in times])
+            truth["times"] = times
+            truth["trajectory_mean"] = condition_mean[:, None, :] + np.einsum(
+                "tij,qj->qti", propagators, condition_mean[0] - condition_mean)
 
     obs = pd.DataFrame(
         {"condition": pd.Categorical.from_codes(condition_index, categories=conditions)},
         index=[f"cell{i}" for i in range(condition_index.size)],
     )
+    if times is not None:
+        obs["time"] = np.tile(np.repeat(times, n_cells), len(conditions))
     var = pd.DataFrame(index=gene_names)
     layers = {}
     if likelihood == "gaussian":
@@ -657,6 +714,8 @@ def simulate(
         arguments.update(drift=drift, saturation=saturation)
     if link != "softplus":
         arguments.update(link=link)  # likewise: softplus runs record what they always did
+    if times is not None:
+        arguments.update(times=times)
     # h5ad cannot store None; omitting it makes simulate(**arguments) use the default.
     arguments = {key: value for key, value in arguments.items() if value is not None}
 
