@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import GENE_RANKINGS, REFINEMENTS
+from .config import BASELINES, GENE_RANKINGS, REFINEMENTS
 
 # JAX runs on a GPU when its CUDA build is installed (`lcd-bayes[gpu]`), else on the CPU;
 # JAX_PLATFORMS=cpu forces the CPU.
@@ -263,8 +263,6 @@ def _write_prediction(adata, out: Path, start: float) -> None:
 
 
 def _add_baseline(sub):
-    from .analysis.baselines import BASELINES
-
     p = sub.add_parser(
         "baseline", help="predicted cells from a baseline (no change, additive, linear) fitted to training data",
         epilog='example: lcd-bayes baseline train.h5ad --method additive --perturbations "A+B" --out additive.h5ad',

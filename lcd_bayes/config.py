@@ -38,6 +38,8 @@ DRIFTS = ("linear", "nonlinear")
 # highly-variable-gene choices of other perturbation models.
 GENE_RANKINGS = ("response", "variance", "dispersion")
 DEFAULT_GENE_RANKING = "response"
+# Methods of lcd_bayes.analysis.baselines (here, so that the CLI's help lists them without anndata).
+BASELINES = ("no_change", "additive", "linear")
 NOISE_KINDS = ("gaussian", "rademacher")  # increments of the particle simulation
 
 

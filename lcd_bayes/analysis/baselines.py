@@ -22,11 +22,11 @@ import anndata
 import numpy as np
 import scipy.sparse as sp
 
+from ..config import BASELINES
 from ..io.expression import canonical_label, expression, label_parts, prediction_anndata
 from ..io.screen import DataError, few
 from .splits import cell_conditions
 
-BASELINES = ("no_change", "additive", "linear")
 
 
 def _membership(conditions, perturbations, control: str, sep: str) -> np.ndarray:
