@@ -9,15 +9,22 @@ CLIPR on every posterior draw and scores against the true effect matrix:
 * calibration: the fraction of true effects (all ordered pairs, the true edges alone and the
   absent edges alone) inside the 50% and 90% highest-density intervals.
 
+With ``--simulator independent`` the screens come from the tests' second simulator
+(``tests/independent_screen.py``: another graph generator, effect and noise scales, no softplus,
+every gene knocked down, library sizes the fit is not told), which checks that the defaults are
+not tuned to our own simulator; ``gaussian`` observes the state with measurement noise, ``nb``
+draws Poisson-log-normal counts.
+
 Writes ``results/recovery.json`` and ``results/recovery.png``.
 Run: ``uv run python analyses/recovery.py [--genes 20 100] [--fractions 0.3 0.5 1.0] [--seed 0 1 2]
-[--set fit.steps=12000] [--sim-link exp] [--library-sizes panel] [--keep DIR]``.
+[--set fit.steps=12000] [--sim-link exp] [--library-sizes panel] [--simulator independent] [--keep DIR]``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +39,26 @@ from lcd_bayes.analysis.clipr import clipr_run
 from lcd_bayes.analysis.recovery import edge_recovery, interval_coverage, off_diagonal
 from lcd_bayes.config import load_config
 from lcd_bayes.run import fit
+from lcd_bayes.sim.graphs import effect_matrix
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
+
+
+def screen(args, genes: int, likelihood: str, fraction: float, seed: int):
+    """The simulated screen, its true effects (source, target) and how the fit reads it."""
+    if args.simulator == "independent":
+        if fraction != 1.0:
+            raise SystemExit("--simulator independent knocks down every gene: use --fractions 1.0")
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from independent_screen import independent_screen
+
+        adata = independent_screen(genes, cells_per_condition=args.cells, seed=seed,
+                                   observation="gaussian" if likelihood == "gaussian" else "counts")
+        reading = {"perturbation_key": "perturbation", "control": "control"}
+        return adata, effect_matrix(adata.uns["independent_truth"]["drift"]), reading
+    adata = simulate(genes, n_perturbed=fraction, cells_per_condition=args.cells, likelihood=likelihood,
+                     link=args.sim_link, seed=seed)
+    reading = {"size_factor_key": LIBRARY_SIZE_KEY if args.library_sizes == "given" else None}
+    return adata, truth_from_uns(adata)["effect"], reading
 
 
 def score(folder: Path, truth: np.ndarray) -> dict:
@@ -129,19 +155,17 @@ def main(args):
         for likelihood in args.likelihoods:
             for fraction in args.fractions:
                 for seed in args.seed:
-                    adata = simulate(genes, n_perturbed=fraction, cells_per_condition=args.cells,
-                                     likelihood=likelihood, link=args.sim_link, seed=seed)
-                    truth = truth_from_uns(adata)["effect"]
+                    adata, truth, reading = screen(args, genes, likelihood, fraction, seed)
                     start = time.perf_counter()
                     with tempfile.TemporaryDirectory() as tmp:
                         folder = Path(args.keep or tmp) / f"run_d{genes}_{likelihood}_{fraction}_seed{seed}"
-                        run = fit(adata, folder, config=config, likelihood=likelihood, seed=seed,
-                                  size_factor_key=LIBRARY_SIZE_KEY if args.library_sizes == "given" else None,
-                                  progress=False)
-                        row = {"genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
+                        run = fit(adata, folder, config=config, likelihood=likelihood, seed=seed, progress=False,
+                                  **reading)
+                        row = {"simulator": args.simulator, "genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
                                "seed": seed, "sim_link": args.sim_link, "link": run.config.model.link,
                                "library_sizes": args.library_sizes, "guide": config.fit.resolved_guide(genes), "refine": run.config.fit.refine,
-                               "steps": int(run.fit.losses.size),
+                               "steps": int(run.fit.losses.size), "skipped_steps": int(run.fit.skipped_steps),
+                               "finite": bool(np.isfinite(run.fit.losses).all()),
                                "overrides": args.set, "final_loss": float(np.median(run.fit.losses[-200:])),
                                **score(folder, truth), **refinement_record(run.posterior["posterior"].attrs),
                                "seconds": time.perf_counter() - start}
@@ -176,6 +200,9 @@ if __name__ == "__main__":
     parser.add_argument("--library-sizes", choices=("given", "panel"), default="given",
                         help="given: the fit is told the simulated library sizes; panel: it estimates them "
                              "from the panel's totals, as for a real screen without whole-transcriptome totals")
+    parser.add_argument("--simulator", choices=("ours", "independent"), default="ours",
+                        help="ours: lcd_bayes.sim.linear; independent: the tests' second simulator "
+                             "(tests/independent_screen.py, every gene knocked down, library sizes not told)")
     parser.add_argument("--out", default="results/recovery.json")
     parser.add_argument("--keep", default=None, metavar="DIR",
                         help="keep each fitted run folder under DIR (to inspect the posterior), not in a temporary one")

@@ -142,6 +142,16 @@ def test_recovery(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_recovery_on_the_independent_simulator(tmp_path, monkeypatch):
+    run_script("recovery", "--simulator", "independent", "--genes", "6", "--fractions", "1.0", "--likelihoods",
+               "nb", "--cells", "20", "--config", tiny_config(tmp_path), "--out", "out.json", cwd=tmp_path,
+               monkeypatch=monkeypatch)
+    (row,) = json.loads((tmp_path / "out.json").read_text())
+    assert row["simulator"] == "independent" and row["genes"] == 6 and row["finite"]
+    assert finite(row["auroc_prob_edge"], row["coverage90_edges"])
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings(AT_STABILITY_LIMIT)
 def test_recovery_drift(tmp_path, monkeypatch):
     run_script("recovery_drift", "--genes", "8", "--cells", "10", "--likelihoods", "gaussian", "--fractions", "1.0",
