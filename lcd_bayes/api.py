@@ -25,6 +25,7 @@ from .config import RunConfig
 from .analysis.evaluation import evaluate
 from .analysis.ppc import GROUP as PPC_GROUP
 from .analysis.ppc import ppc_table
+from .files import atomic_write
 from .io.run_folder import data_record, load_datatree, load_run, save_datatree, start_run_folder, write_run
 from .run import fit as fit_to_folder
 from .run import write_ppc
@@ -77,7 +78,8 @@ class Run:
                 self._clipr, table = clipr_posterior(self.posterior, self.config)
                 if stored is not None:
                     save_datatree(self._clipr, stored)
-                    table.to_csv(self.folder / "edges.csv", index=False)
+                    with atomic_write(self.folder / "edges.csv") as tmp:
+                        table.to_csv(tmp, index=False)
         return self._clipr
 
     @property
@@ -124,11 +126,12 @@ class Run:
         already holds a finished fit."""
         folder = Path(folder)
         start_run_folder(folder, self.config, self.record)
-        write_run(folder, self.posterior)
         write_ppc(folder, self.posterior)
         if self._clipr is not None:
             save_datatree(self._clipr, folder / "clipr.nc")
-            self.edges().to_csv(folder / "edges.csv", index=False)
+            with atomic_write(folder / "edges.csv") as tmp:
+                self.edges().to_csv(tmp, index=False)
+        write_run(folder, self.posterior)  # posterior.nc last: it marks the run finished
         self.folder = folder
         return folder
 
@@ -167,7 +170,8 @@ def fit(adata: anndata.AnnData | str | Path, out: str | Path | None = None, **se
     "gaussian"), ``layer``, ``genes``, ``n_top_genes``, ``gene_ranking`` ("response",
     "variance", "dispersion"), ``predict_targets`` (conditions to predict, whose targets join the
     ``n_top_genes`` panel first), ``total_counts_key``, ``size_factor_key``, ``steps``, ``seed``,
-    ``refine`` ("auto", "laplace", "nuts", "none"), ``progress``. With ``n_top_genes`` pass the
+    ``refine`` ("auto", "laplace", "nuts", "none"), ``restart`` (discard an unfinished fit in ``out``),
+    ``progress``. With ``n_top_genes`` pass the
     training cells only: the panel is ranked on every cell given.
     """
     fitted = fit_to_folder(adata, out, **settings)

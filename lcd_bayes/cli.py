@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -102,6 +104,9 @@ def _add_fit(sub):
                         "'nuts' by a NUTS chain whitened by the guide (~2 min at 20 genes with Gaussian data, "
                         "closer still; hours for counts on a CPU), 'none' keeps them; default: the config's "
                         "('auto': laplace up to ~40 genes, none beyond)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished fit in --out (its checkpoint) and start afresh; without it an "
+                        "unfinished fit there resumes, and one of other data or settings is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_fit)
 
@@ -114,7 +119,7 @@ def _fit(args):
         sep=args.sep, targets=args.targets, likelihood=args.likelihood, layer=args.layer, steps=args.steps,
         seed=args.seed, n_top_genes=args.n_top_genes, gene_ranking=args.gene_ranking,
         predict_targets=args.predict_targets, total_counts_key=args.total_counts_key,
-        size_factor_key=args.size_factor_key, refine=args.refine,
+        size_factor_key=args.size_factor_key, refine=args.refine, restart=args.restart,
         progress=not args.no_progress,
     )
     _print_fit(run)
@@ -234,11 +239,15 @@ def _add_predict(sub):
 
 def _predict(args):
     from .api import load
+    from .files import check_writable_folder
 
     start = time.perf_counter()
+    out = Path(args.out) if args.out else Path(args.run) / "predictions.h5ad"
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a folder; name the .h5ad file to write")
+    check_writable_folder(out.parent, what=f"--out {out}: its folder")  # before any compute
     adata = load(args.run).predict(args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed,
                                    times=args.times)
-    out = Path(args.out) if args.out else Path(args.run) / "predictions.h5ad"
     _write_prediction(adata, out, start)
     if args.times is not None:
         from .analysis.predict import trajectory_table
@@ -253,8 +262,11 @@ def _predict(args):
 
 
 def _write_prediction(adata, out: Path, start: float) -> None:
+    from .files import atomic_write
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    with atomic_write(out) as tmp:
+        adata.write_h5ad(tmp)
     info = adata.uns["lcd_bayes"]
     key = info["perturbation_key"]
     print(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes ({info['space']}), "
@@ -401,22 +413,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before they kill a job), handled as Ctrl-C: a fit saves its
+    checkpoint and stops."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import use_compilation_cache
 
     use_compilation_cache()
+    from .files import UnwritableError
     from .inference.svi import FitError
     from .io.screen import DataError
 
+    # Only the main thread may set a handler (main() called from another thread keeps the default).
+    handles_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
     try:
         args.func(args)
-    except (DataError, FitError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (DataError, FitError, FileNotFoundError, FileExistsError, UnwritableError, ValueError) as error:
         print(f"lcd-bayes {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interruption:
+        print("terminated" if isinstance(interruption, Terminated) else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(interruption, Terminated) else signal.SIGINT)
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

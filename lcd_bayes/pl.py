@@ -28,7 +28,8 @@ from .analysis.clipr import load_clipr, summary_at, summary_to_table
 from .analysis.ppc import GROUP as PPC_GROUP
 from .analysis.ppc import MIN_TOP_DE_CORRELATION, ppc_table
 from .analysis.predict import trajectory_table
-from .io.run_folder import load_datatree
+from .files import atomic_write
+from .io.run_folder import load_run, require_finished
 
 MAX_TICK_LABELS = 60  # beyond this many genes, tick labels overlap into a black bar
 POSITIVE, NEGATIVE = "tab:red", "tab:blue"
@@ -231,7 +232,7 @@ def plot_ppc_correlations(table: pd.DataFrame, *, ax: Axes | None = None) -> Axe
 def _ppc_of(run) -> pd.DataFrame:
     """The posterior predictive check of a run or run folder (its ``ppc`` group)."""
     if isinstance(run, (str, Path)):
-        tree = load_datatree(Path(run) / "posterior.nc")
+        tree = load_run(run)[0]
         table = ppc_table(tree[PPC_GROUP]) if PPC_GROUP in tree.children else None
     else:
         table = run.ppc
@@ -262,7 +263,8 @@ def save_ppc(run, path: str | Path) -> Path:
     left, right = figure.subplots(1, 2)
     plot_ppc(table, ax=left)
     plot_ppc_correlations(table, ax=right)
-    figure.savefig(path, dpi=120)
+    with atomic_write(path) as tmp:
+        figure.savefig(tmp, dpi=120)
     return Path(path)
 
 
@@ -328,6 +330,7 @@ def elbo(run, *, ax: Axes | None = None) -> Axes:
     """The ELBO trace (``plot_elbo``) of a run (its ``losses``, the negative ELBO per step) or a
     run folder (``elbo.csv``)."""
     if isinstance(run, (str, Path)):
+        require_finished(run)
         values = pd.read_csv(Path(run) / "elbo.csv")["elbo"].to_numpy()
     else:
         values = -np.asarray(run.losses)
@@ -387,6 +390,7 @@ def report_run(folder: str | Path, *, prob_threshold: float = 0.9, top: int = 20
     for name, (size, draw) in figures.items():
         figure = Figure(figsize=size, layout="constrained")
         draw(figure.add_subplot())
-        figure.savefig(folder / name, dpi=120)
+        with atomic_write(folder / name) as tmp:
+            figure.savefig(tmp, dpi=120)
         written.append(folder / name)
     return written

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,8 +25,10 @@ from .diagnostics import LcdBayesWarning
 from .dynamics.nonlinear import check_fitted_stationarity
 from .inference.posterior import Coords, derive_globals, pointwise_log_likelihood, sample_guide, to_datatree
 from .inference.refine import refine_with_laplace, refine_with_nuts, resolve_refinement
-from .inference.svi import MAX_SKIPPED_FRACTION, FitResult, fit_svi, program
-from .io.run_folder import data_record, read_h5ad, start_run_folder, write_run
+from .files import atomic_write, pause_point
+from .inference.svi import MAX_SKIPPED_FRACTION, FitError, FitResult, checkpoint_fingerprint, fit_svi, program
+from .io.run_folder import (CHECKPOINT, changed_settings, check_out_folder, data_record, discard_unfinished,
+                            read_h5ad, start_run_folder, write_run)
 from .io.screen import PerturbationData, load_perturbation_data, read_targets, summarize
 from .model.program import CellBatch, Structure, link
 
@@ -94,6 +97,7 @@ def fit(
     total_counts_key: str | None = None,
     size_factor_key: str | None = None,
     refine: str | None = None,
+    restart: bool = False,
     progress: bool = True,
 ) -> FittedRun:
     """Fit a latent causal diffusion to a perturbation screen and return its posterior.
@@ -115,8 +119,12 @@ def fit(
     guide whitens (``lcd_bayes.inference.refine``): slower, but their intervals are calibrated where
     the guide's are too narrow. The default (``"auto"``, from the configuration) is ``"laplace"`` up
     to ~40 genes and the guide's draws beyond, with a warning; ``refine="none"`` keeps the guide's
-    draws.
+    draws. An unfinished fit in ``out`` of other data or settings is refused before anything is
+    written, unless ``restart`` discards it; a finished one is always refused.
     """
+    folder = Path(out) if out is not None else None
+    if folder is not None:
+        check_out_folder(folder)  # before any compute
     run_config = config if isinstance(config, RunConfig) else load_config(config)
     if isinstance(targets, (str, Path)):
         targets = read_targets(targets)  # recorded by content, so that config.toml needs no other file
@@ -142,22 +150,53 @@ def fit(
     run_config = run_config.replace(fit={"refine": refinement})
     if fallback is not None:
         warnings.warn(fallback, LcdBayesWarning, stacklevel=2)
-    folder = Path(out) if out is not None else None
+    fingerprint = _fingerprint(data, run_config)
     if folder is not None:
+        _claim(folder, run_config, fingerprint, restart)
         start_run_folder(folder, run_config, data_record(data))
 
     result, inference = fit_svi(
-        cells, structure, run_config,
-        checkpoint_path=folder / "checkpoint.npz" if folder else None,
-        fingerprint=_fingerprint(data, run_config), progress=progress,
+        cells, structure, run_config, checkpoint_path=folder / CHECKPOINT if folder else None,
+        fingerprint=fingerprint, progress=progress,
     )
+    try:
+        return _finish(result, inference, data, structure, cells, run_config, fallback, folder, progress)
+    except KeyboardInterrupt:
+        if folder is not None:
+            print(f"interrupted after SVI, whose result is saved in {folder / CHECKPOINT}; run the same command "
+                  "again to resume from there", file=sys.stderr, flush=True)
+        raise
+
+
+def _claim(folder: Path, config: RunConfig, fingerprint: str, restart: bool) -> None:
+    """Make ``folder`` this fit's before writing into it: an unfinished fit there of other data or
+    settings is refused, with what differs and what to do, or with ``restart`` discarded."""
+    if restart:
+        discard_unfinished(folder)
+        return
+    stored = checkpoint_fingerprint(folder / CHECKPOINT)
+    if stored is None or stored == fingerprint:
+        return
+    changed = changed_settings(folder, config)
+    differs = (f"its config.toml differs in {', '.join(changed)}" if changed
+               else "its settings are these, so the data differ")
+    raise FitError(
+        f"{folder} holds an unfinished fit of other data or settings ({differs}). Resume it with the command "
+        f"that started it (`--config {folder / 'config.toml'}` repeats its settings), start this fit afresh in "
+        "its place with --restart (`fit(..., restart=True)`), or write this fit to a new --out folder.")
+
+
+def _finish(result: FitResult, inference, data: PerturbationData, structure: Structure, cells: CellBatch,
+            run_config: RunConfig, fallback: str | None, folder: Path | None, progress: bool) -> FittedRun:
+    """After SVI: the refinement, the posterior's draws and its check, written to ``folder``."""
     latent, attrs = None, {} if fallback is None else {"refinement_skipped": fallback}
     if result.skipped_steps > MAX_SKIPPED_FRACTION * result.losses.size:
         warnings.warn(
             f"{result.skipped_steps} of {result.losses.size} SVI steps had a non-finite ELBO or gradient and were "
             "skipped: the guide reaches draws where the program overflows, which biases the fit. Check the PPC, "
-            "and try more [fit] cell_particles or a lower [fit] learning_rate.", LcdBayesWarning, stacklevel=2)
+            "and try more [fit] cell_particles or a lower [fit] learning_rate.", LcdBayesWarning, stacklevel=3)
     sample_stats = None
+    pause_point("refinement")
     if run_config.fit.refine == "nuts":
         latent, attrs, sample_stats = _refined_draws(inference, result, structure, cells, run_config, progress)
     elif run_config.fit.refine == "laplace":
@@ -185,7 +224,7 @@ def fit(
         attrs["stationarity"] = report.message
         if not report:
             warnings.warn(f"the simulated stationary law of a posterior draw is {report.message}", LcdBayesWarning,
-                          stacklevel=2)
+                          stacklevel=3)
     cell_log_likelihood = None
     if run_config.fit.log_likelihood:
         size = data.n_cells * data.n_genes * run_config.fit.cell_particles
@@ -214,8 +253,8 @@ def fit(
         tree[PPC_GROUP] = xr.DataTree(ppc_dataset(table, data.control))
         tree["posterior"].attrs["ppc_seconds"] = time.perf_counter() - start
     if folder is not None:
-        write_run(folder, tree)
         write_ppc(folder, tree)
+        write_run(folder, tree)  # posterior.nc last: it marks the run finished
     return FittedRun(tree, data, run_config, result, folder)
 
 
@@ -226,7 +265,8 @@ def write_ppc(folder: Path, tree: xr.DataTree) -> list[Path]:
     if PPC_GROUP not in tree.children:
         return []
     table = ppc_table(tree[PPC_GROUP])
-    table.to_csv(folder / "ppc.csv", index=False)
+    with atomic_write(folder / "ppc.csv") as tmp:
+        table.to_csv(tmp, index=False)
     return [folder / "ppc.csv", pl.save_ppc(table, folder / "ppc.png")]
 
 
@@ -264,14 +304,14 @@ def _refined_draws(inference, result: FitResult, structure: Structure, cells: Ce
             f"the NUTS refinement failed: {refinement.divergences} of {fit.num_posterior_samples} draws diverged, "
             "so the chain left the posterior region the fit found (typically toward drifts at the stability "
             "limit, as in screens with few perturbed genes). The posterior keeps the guide's draws, whose "
-            "intervals are too narrow (docs/inference.md).", LcdBayesWarning, stacklevel=3)
+            "intervals are too narrow (docs/inference.md).", LcdBayesWarning, stacklevel=4)
         return None, {"nuts_refinement": f"failed: {refinement.divergences} of {fit.num_posterior_samples} "
                                           "draws diverged; the guide's draws are kept"}, None
     if divergent > 0.05:
         warnings.warn(
             f"{refinement.divergences} of {fit.num_posterior_samples} NUTS draws diverged: the chain may "
             "miss part of the posterior; compare with a longer chain ([fit] refine_warmup) before trusting "
-            "the tails", LcdBayesWarning, stacklevel=3)
+            "the tails", LcdBayesWarning, stacklevel=4)
     attrs = {"inference": "SVI + NUTS (guide-preconditioned)", "nuts_divergences": refinement.divergences,
              "nuts_mean_tree_size": refinement.mean_tree_size, "nuts_seconds": refinement.seconds}
     return refinement.latent, attrs, sample_stats_of(refinement, fit.refine_max_tree_depth)
@@ -311,7 +351,7 @@ def _laplace_draws(inference, result: FitResult, structure: Structure, cells: Ce
         )
     except FloatingPointError as error:  # keep the fit: the guide's draws, and say why
         warnings.warn(f"the Laplace refinement failed ({error}); the posterior keeps the guide's draws, whose "
-                      "intervals are too narrow (docs/inference.md)", LcdBayesWarning, stacklevel=3)
+                      "intervals are too narrow (docs/inference.md)", LcdBayesWarning, stacklevel=4)
         return None, {"laplace_refinement": f"failed: {error}; the guide's draws are kept"}
     attrs = {"inference": "SVI + Laplace (at the guide's mean, guide-whitened)",
              "laplace_seconds": laplace.seconds, "laplace_gradient_norm": laplace.gradient_norm,
@@ -334,5 +374,5 @@ def _warn_unstable(log_radius: np.ndarray, config: RunConfig) -> None:
                f" or, if genes truly relax this slowly, a [model] max_spectral_radius closer to 1 "
                f"(now {config.model.max_spectral_radius})"),
             LcdBayesWarning,
-            stacklevel=3,
+            stacklevel=4,
         )

@@ -36,7 +36,8 @@ from ..dynamics.fixed_point import fixed_point
 from ..dynamics.nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
 from ..dynamics.nonlinear import posterior_drift
 from ..inference.posterior import stacked_draws
-from ..io.run_folder import load_datatree, load_run, save_datatree
+from ..files import atomic_write
+from ..io.run_folder import load_datatree, load_run, require_finished, save_datatree
 
 DriftFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
@@ -387,7 +388,8 @@ def clipr_run(folder: str | Path, *, ridge: float | None = None, tau: float | No
     result, table = clipr_posterior(tree, config, ridge=ridge, tau=tau, hdi_prob=hdi_prob,
                                     chunk_size=chunk_size, synthetic=synthetic)
     save_datatree(result, folder / "clipr.nc")
-    table.to_csv(folder / "edges.csv", index=False)
+    with atomic_write(folder / "edges.csv") as tmp:
+        table.to_csv(tmp, index=False)
     return result, table
 
 
@@ -411,7 +413,8 @@ def load_clipr(folder: str | Path) -> xr.DataTree:
     path = Path(folder) / "clipr.nc"
     if not path.exists():
         return clipr_run(folder)[0]
-    return load_datatree(path)
+    require_finished(folder)  # a clipr.nc beside an unfinished fit is not of its result
+    return load_datatree(path, todo="delete it and run `lcd-bayes clipr` again")
 
 
 def format_edges(table: pd.DataFrame, n: int = 10) -> str:

@@ -23,6 +23,7 @@ from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
+from ..files import atomic_write, pause_point
 from ..model.program import CellBatch, Structure, lcd_model
 from .guides import global_variational_family
 from .initialization import init_at, initial_values
@@ -36,7 +37,7 @@ class FitResult(NamedTuple):
     params: dict  # variational parameters (numpy)
     losses: np.ndarray  # (steps,) negative ELBO per step
     converged: bool  # the annealed posterior stopped moving before the step budget was spent
-    seconds: float  # wall time of the optimization, initialization and compilation included
+    seconds: float  # wall time of the optimization, initialization and compilation included, over every session
     init_seconds: float  # numpyro's initialization of the guide
     compile_seconds: float  # the first chunk: compilation and its steps
     movements: tuple  # median movement of the guide's locations per convergence window (posterior sds)
@@ -69,8 +70,23 @@ def program(structure: Structure, config: RunConfig, *, minibatch: bool = True, 
                              cell_particles=fit.cell_particles, encoder_hidden=fit.encoder_hidden)
 
 
-class DataParallelELBO(Trace_ELBO):
-    """``Trace_ELBO`` averaged over the devices of ``axis_name`` inside ``jax.shard_map``: each
+class OrderedELBO(Trace_ELBO):
+    """``Trace_ELBO`` with the sites' terms summed in the order of their names. numpyro (0.22)
+    sums them over a ``set`` of the names, whose order follows Python's per-process string hash:
+    two runs with the same seed recorded losses a float32 rounding apart (54 of 200 steps of a
+    4-gene fit), though the gradients, and so the parameters, were the same bit for bit."""
+
+    def __init__(self):
+        super().__init__(sum_sites=False)
+
+    def loss_with_mutable_state(self, *args, **kwargs):
+        result = super().loss_with_mutable_state(*args, **kwargs)
+        terms = result["loss"]  # the negative ELBO of each site
+        return {**result, "loss": sum((terms[name] for name in sorted(terms)), start=jnp.zeros(()))}
+
+
+class DataParallelELBO(OrderedELBO):
+    """``OrderedELBO`` averaged over the devices of ``axis_name`` inside ``jax.shard_map``: each
     device estimates the whole ELBO from the same draw of the globals and its own minibatch (the
     cells plate scales its shard to every cell; ``model.program.cell_key``), and the mean of these
     is the estimate from all devices' cells. The guide's parameters are replicated, so
@@ -111,7 +127,7 @@ def build_inference(structure: Structure, config: RunConfig, start: dict | None 
     # (``with_learning_rate``), because when the decay starts is decided during the fit.
     optimizer = optax_to_numpyro(optax.chain(optax.clip_by_global_norm(fit.clip_norm),
                                              optax.inject_hyperparams(optax.adam)(learning_rate=fit.learning_rate)))
-    svi = SVI(model, guide, optimizer, DataParallelELBO(CELL_AXIS) if devices > 1 else Trace_ELBO())
+    svi = SVI(model, guide, optimizer, DataParallelELBO(CELL_AXIS) if devices > 1 else OrderedELBO())
     return Inference(svi, model, guide)
 
 
@@ -198,21 +214,29 @@ class Checkpoint(NamedTuple):
     losses: np.ndarray
     fingerprint: str
     progress: Progress
+    seconds: float  # the fit's time before this session
 
 
-def save_checkpoint(path: Path, state, losses: np.ndarray, fingerprint: str, progress: Progress) -> None:
+def save_checkpoint(path: Path, state, losses: np.ndarray, fingerprint: str, progress: Progress,
+                    seconds: float = 0.0) -> None:
     """Write the fit's state as plain arrays (``numpy.savez``: no pickle, so loading a checkpoint
     runs no code), atomically, so an interruption during the write never corrupts the last one.
     The state's leaves are stored in order; ``load_checkpoint`` puts them back into the structure
-    of a freshly initialized state."""
+    of a freshly initialized state. ``seconds``: the fit's time so far, over every session."""
     arrays = {f"state_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree_util.tree_leaves(jax.device_get(state)))}
     arrays |= {f"window_{name}": np.asarray(value) for name, value in (progress.window_start or {}).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, losses=np.asarray(losses), fingerprint=np.asarray(fingerprint),
                  movements=np.asarray(progress.movements, dtype=np.float64), settled=np.asarray(progress.settled),
-                 has_window=np.asarray(progress.window_start is not None), **arrays)
-    os.replace(tmp, path)
+                 has_window=np.asarray(progress.window_start is not None), seconds=np.asarray(seconds), **arrays)
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """The fingerprint of the checkpoint at ``path`` (None if there is none), read without its state."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as stored:
+        return str(stored["fingerprint"])
 
 
 def load_checkpoint(path: Path, fingerprint: str, template) -> Checkpoint | None:
@@ -224,7 +248,7 @@ def load_checkpoint(path: Path, fingerprint: str, template) -> Checkpoint | None
         if str(stored["fingerprint"]) != fingerprint:
             raise FitError(
                 f"{path} belongs to a fit with other data or settings; resume it with the same command, "
-                "or write this fit to a new --out folder (or delete the checkpoint)."
+                "start this fit afresh in its place with --restart, or write it to a new --out folder."
             )
         leaves, treedef = jax.tree_util.tree_flatten(template)
         stored_leaves = [stored[f"state_{i}"] for i in range(len(leaves))]
@@ -233,8 +257,9 @@ def load_checkpoint(path: Path, fingerprint: str, template) -> Checkpoint | None
         window = {name[len("window_"):]: stored[name] for name in stored.files if name.startswith("window_")}
         progress = Progress(window if bool(stored["has_window"]) else None, tuple(stored["movements"].tolist()),
                             bool(stored["settled"]))
+        seconds = float(stored["seconds"]) if "seconds" in stored.files else 0.0
         return Checkpoint(jax.tree_util.tree_unflatten(treedef, stored_leaves), stored["losses"], fingerprint,
-                          progress)
+                          progress, seconds)
 
 
 def fit_svi(
@@ -312,11 +337,18 @@ def fit_svi(
     # with every cell at 1,000 genes).
     state = svi.init(key, CellBatch(*(a[:INIT_CELLS] for a in host_cells)))
     init_seconds = time.perf_counter() - start
-    losses, progress_record = np.zeros(0, dtype=np.float64), Progress()
+    losses, progress_record, earlier_seconds = np.zeros(0, dtype=np.float64), Progress(), 0.0
     resumed = load_checkpoint(checkpoint_path, fingerprint, state) if checkpoint_path else None
     if resumed is not None:
         state = jax.tree_util.tree_map(jnp.asarray, resumed.state)
-        losses, progress_record = resumed.losses, resumed.progress
+        losses, progress_record, earlier_seconds = resumed.losses, resumed.progress, resumed.seconds
+
+    def checkpoint() -> int:
+        save_checkpoint(checkpoint_path, state, losses, fingerprint, progress_record,
+                        earlier_seconds + time.perf_counter() - start)
+        return losses.size
+
+    saved_steps = -1 if resumed is None else resumed.losses.size
 
     bar = tqdm(total=fit.steps, initial=losses.size, desc="SVI", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -331,7 +363,7 @@ def fit_svi(
             if not np.any(np.isfinite(chunk_losses[-MAX_CONSECUTIVE_NONFINITE:])):
                 bad = losses.size + int(np.argmin(np.isfinite(chunk_losses)))
                 if checkpoint_path:
-                    save_checkpoint(checkpoint_path, state, losses, fingerprint, progress_record)
+                    checkpoint()
                 raise FitError(
                     f"the ELBO became non-finite at step {bad} and stayed so for at least {MAX_CONSECUTIVE_NONFINITE} "
                     "steps. Usual causes: a learning rate too high "
@@ -339,7 +371,8 @@ def fit_svi(
                     "on a very different scale than the priors expect, or a gene with no counts. "
                     + (f"With the nonlinear drift also: a smaller [model] sim_dt (now {config.model.sim_dt}) for "
                        "stiff draws, or fewer genes. " if config.model.drift == "nonlinear" else "")
-                    + (f"The last finite state is saved in {checkpoint_path}." if checkpoint_path else "")
+                    + (f"The last finite state is saved in {checkpoint_path}; with other settings, start "
+                       "afresh with --restart (`fit(..., restart=True)`)." if checkpoint_path else "")
                 )
             state, losses = new_state, np.concatenate([losses, chunk_losses])
             progress_record = progress_record.after_chunk(
@@ -348,15 +381,20 @@ def fit_svi(
             bar.update(chunk_losses.size)
             bar.set_postfix(elbo=f"{-np.nanmean(chunk_losses):.4g}")
             if checkpoint_path and losses.size % fit.checkpoint_every < fit.steps_per_chunk:
-                save_checkpoint(checkpoint_path, state, losses, fingerprint, progress_record)
+                saved_steps = checkpoint()
+            pause_point(f"svi step {losses.size}")
     except KeyboardInterrupt:
         if checkpoint_path:
-            save_checkpoint(checkpoint_path, state, losses, fingerprint, progress_record)
+            checkpoint()
             bar.write(f"interrupted at step {losses.size}; run the same command again to resume.")
         raise
     finally:
         bar.close()
+    if checkpoint_path and saved_steps != losses.size:
+        # Whatever follows (a refinement, the posterior's draws and check) starts from here when
+        # it is interrupted: the fit itself is never lost.
+        checkpoint()
     result = FitResult(jax.device_get(svi.get_params(state)), losses, progress_record.settled,
-                       time.perf_counter() - start, init_seconds, compile_seconds, progress_record.movements,
-                       int(np.sum(~np.isfinite(losses))))
+                       earlier_seconds + time.perf_counter() - start, init_seconds, compile_seconds,
+                       progress_record.movements, int(np.sum(~np.isfinite(losses))))
     return result, inference

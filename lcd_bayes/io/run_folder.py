@@ -11,12 +11,15 @@ A run folder holds everything needed to inspect or reproduce a fit:
     ppc.csv, ppc.png the posterior predictive check (``analysis.ppc``; also posterior.nc's ``ppc`` group)
     checkpoint.npz   only while a fit is unfinished: resume by running the same command
 
+Every file is written whole under a temporary name and renamed (``lcd_bayes.files``);
+``posterior.nc`` is written last, so a folder without it holds an unfinished fit.
+
 CLIPR adds ``clipr.nc`` and ``edges.csv`` (``analysis.clipr``), the report its figures (``pl``).
 """
 from __future__ import annotations
 
 import json
-import os
+import tomllib
 from pathlib import Path
 
 import anndata
@@ -25,6 +28,7 @@ import pandas as pd
 import xarray as xr
 
 from ..config import RunConfig, load_config
+from ..files import atomic_write, check_writable_folder, partial_name, write_text
 from .screen import DataError, PerturbationData
 
 
@@ -68,42 +72,99 @@ class IncompleteRunError(FileNotFoundError):
     """A run folder without a finished, readable fit; the message says how to finish or redo it."""
 
 
-def start_run_folder(folder: Path, config: RunConfig, record: dict) -> None:
-    """Create the run folder of a new (or resumed) fit and write ``config.toml`` and ``data.json``
-    (``record``, from ``data_record``); refuses a folder that already holds a finished fit."""
-    if (folder / "posterior.nc").exists():
+# ``posterior.nc`` is the last file a fit writes (renamed into place whole): a folder holding it
+# holds a finished fit, and one without it an unfinished one, whatever else it holds.
+FINISHED = "posterior.nc"
+CHECKPOINT = "checkpoint.npz"
+
+
+def check_out_folder(folder: Path) -> None:
+    """Refuse, before any compute, an ``--out`` that cannot be written or already holds a finished
+    fit (``UnwritableError``, ``FileExistsError``); writes nothing."""
+    check_writable_folder(folder)
+    if (folder / FINISHED).exists():
         raise FileExistsError(
-            f"{folder} already holds a finished fit (posterior.nc); write to a new --out folder "
+            f"{folder} already holds a finished fit ({FINISHED}); write to a new --out folder "
             "or delete the old one"
         )
+
+
+def start_run_folder(folder: Path, config: RunConfig, record: dict) -> None:
+    """Create the run folder of a new (or resumed) fit and write ``config.toml`` and ``data.json``
+    (``record``, from ``data_record``); refuses a folder that already holds a finished fit. An
+    unfinished fit of other data or settings in the folder must have been refused (or discarded,
+    ``discard_unfinished``) before: these files describe its checkpoint."""
+    check_out_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-    (folder / "data.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    write_text(folder / "config.toml", config.to_toml())
+    write_text(folder / "data.json", json.dumps(record, indent=1))
+
+
+def discard_unfinished(folder: Path) -> None:
+    """Remove an unfinished fit's checkpoint and any file cut short by an interruption, so that a
+    fit starts afresh in ``folder`` (``--restart``); the other files are rewritten by the fit."""
+    for path in [folder / CHECKPOINT, *folder.glob("*.partial.*")]:
+        path.unlink(missing_ok=True)
+
+
+def changed_settings(folder: Path, config: RunConfig) -> list[str]:
+    """The settings (``section.key``) in which ``config`` differs from the folder's ``config.toml``
+    (every one, if that file is missing or unreadable)."""
+    def flat(text: str) -> dict:
+        return {f"{section}.{key}": value for section, values in tomllib.loads(text).items()
+                for key, value in (values.items() if isinstance(values, dict) else [])}
+
+    new = flat(config.to_toml())
+    try:
+        old = flat((folder / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return sorted(new)
+    return sorted(key for key in new.keys() | old.keys() if new.get(key) != old.get(key))
 
 
 def write_run(folder: Path, tree: xr.DataTree) -> None:
     """Write a finished fit into its folder, from its posterior ``tree`` alone: ``elbo.csv`` (the
-    ``svi`` group's loss), ``posterior.nc`` and ``summary.txt`` (the posterior's attributes), and
-    remove the checkpoint.
+    ``svi`` group's loss), ``summary.txt`` and, last, ``posterior.nc`` (the posterior's
+    attributes), whose presence marks the run finished; then remove the checkpoint. Any other
+    file of the run (the PPC's) is written before.
 
     The variational parameters are not kept: the draws in ``posterior.nc`` are the fit's result,
     and drawing more from the guide would need the data's model structure as well (the checkpoint
     keeps them only while a fit is unfinished).
     """
     losses = tree["svi"]["loss"].values if "svi" in tree.children else np.zeros(0)
-    pd.DataFrame({"step": np.arange(losses.size), "elbo": -losses}).to_csv(folder / "elbo.csv", index=False)
-    save_datatree(tree, folder / "posterior.nc")
+    with atomic_write(folder / "elbo.csv") as tmp:
+        pd.DataFrame({"step": np.arange(losses.size), "elbo": -losses}).to_csv(tmp, index=False)
     attrs = tree["posterior"].attrs
     compile_seconds = f" (compile {attrs['compile_seconds']:.1f})" if "compile_seconds" in attrs else ""
     final = f"{-np.nanmean(losses[-100:]):.6g}" if np.isfinite(losses[-100:]).any() else "n/a"
-    (folder / "summary.txt").write_text(
-        f"steps: {losses.size}\nconverged: {bool(attrs.get('converged', False))}\n"
-        f"seconds: {float(attrs.get('fit_seconds', float('nan'))):.1f}{compile_seconds}\n"
-        f"final ELBO (mean of last 100 steps): {final}\n"
-    )
-    checkpoint = folder / "checkpoint.npz"
-    if checkpoint.exists():
-        checkpoint.unlink()  # the fit is complete: posterior.nc supersedes it
+    write_text(folder / "summary.txt",
+               f"steps: {losses.size}\nconverged: {bool(attrs.get('converged', False))}\n"
+               f"seconds: {float(attrs.get('fit_seconds', float('nan'))):.1f}{compile_seconds}\n"
+               f"final ELBO (mean of last 100 steps): {final}\n")
+    save_datatree(tree, folder / FINISHED)
+    (folder / CHECKPOINT).unlink(missing_ok=True)  # the fit is complete: posterior.nc supersedes it
+
+
+def require_finished(folder: str | Path) -> str:
+    """Raise ``IncompleteRunError`` (a ``FileNotFoundError``), saying what to do (resume the fit
+    with the same command, or refit), unless ``folder`` holds a finished fit; returns that advice
+    for a ``posterior.nc`` found unreadable later."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such run folder: {folder}; create it with `lcd-bayes fit DATA --out {folder}`")
+    if (folder / CHECKPOINT).exists():
+        todo = "resume it by running the same `lcd-bayes fit` command (or `lcd_bayes.fit(..., out=...)`) again"
+    else:
+        todo = "refit (`lcd-bayes fit DATA --out NEW_FOLDER`, or `lcd_bayes.fit(adata)`)"
+    if not (folder / FINISHED).exists():
+        state = ("an interrupted write of posterior.nc" if partial_name(folder / FINISHED).exists()
+                 else "no posterior.nc")
+        raise IncompleteRunError(f"{folder} holds no finished fit ({state}): {todo}")
+    missing = [name for name in ("config.toml", "data.json") if not (folder / name).exists()]
+    if missing:
+        raise IncompleteRunError(f"{folder} lacks {' and '.join(missing)}, written when a fit starts: {todo}")
+    return todo
 
 
 def load_run(folder: str | Path) -> tuple[xr.DataTree, RunConfig, dict]:
@@ -113,25 +174,10 @@ def load_run(folder: str | Path) -> tuple[xr.DataTree, RunConfig, dict]:
     ``posterior.nc``, with what to do: resume the fit with the same command, or refit.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such run folder: {folder}; create it with `lcd-bayes fit DATA --out {folder}`")
-    if (folder / "checkpoint.npz").exists():
-        todo = "resume it by running the same `lcd-bayes fit` command (or `lcd_bayes.fit(..., out=...)`) again"
-    else:
-        todo = "refit (`lcd-bayes fit DATA --out NEW_FOLDER`, or `lcd_bayes.fit(adata)`)"
-    if not (folder / "posterior.nc").exists():
-        state = ("an interrupted write of posterior.nc" if (folder / "posterior.nc.partial").exists()
-                 else "no posterior.nc")
-        raise IncompleteRunError(f"{folder} holds no finished fit ({state}): {todo}")
-    missing = [name for name in ("config.toml", "data.json") if not (folder / name).exists()]
-    if missing:
-        raise IncompleteRunError(f"{folder} lacks {' and '.join(missing)}, written when a fit starts: {todo}")
-    try:
-        tree = load_datatree(folder / "posterior.nc")
-    except (OSError, ValueError) as error:  # truncated or not netCDF (a copy cut short, a full disk)
-        raise IncompleteRunError(f"{folder / 'posterior.nc'} is incomplete or unreadable ({error}): {todo}") from None
+    todo = require_finished(folder)
+    tree = load_datatree(folder / FINISHED, todo=todo)
     if "posterior" not in tree.children:
-        raise IncompleteRunError(f"{folder / 'posterior.nc'} has no posterior group: {todo}")
+        raise IncompleteRunError(f"{folder / FINISHED} has no posterior group: {todo}")
     return tree, load_config(folder / "config.toml"), json.loads((folder / "data.json").read_text(encoding="utf-8"))
 
 
@@ -178,15 +224,23 @@ def save_datatree(tree: xr.DataTree, path) -> None:
         groups[node.path] = dataset
         encoding[node.path] = {name: {"zlib": True, "complevel": 4} for name in dataset.data_vars
                                if dataset[name].ndim > 0}
-    tmp = path.with_name(path.name + ".partial")
-    xr.DataTree.from_dict(groups).to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        xr.DataTree.from_dict(groups).to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
 
 
-def load_datatree(path) -> xr.DataTree:
+def load_datatree(path, todo: str = "write it again") -> xr.DataTree:
     """Read a saved posterior fully into memory (the file is closed afterwards), with the
-    quantities ``save_datatree`` left out derived again."""
-    with xr.open_datatree(path, engine="h5netcdf") as tree:
-        tree = tree.load()
+    quantities ``save_datatree`` left out derived again. A file cut short or not netCDF (a copy
+    cut short, a full disk, a write of an older version killed midway) raises
+    ``IncompleteRunError``, saying ``todo``."""
+    try:
+        with xr.open_datatree(path, engine="h5netcdf") as tree:
+            tree = tree.load()
+    except FileNotFoundError:
+        raise
+    # h5py and h5netcdf fail on a truncated file in several ways, an AttributeError among them.
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        raise IncompleteRunError(f"{path} is incomplete or unreadable ({type(error).__name__}: {error}): "
+                                 f"{todo}") from None
     return xr.DataTree.from_dict({node.path: with_derived_effects(node.to_dataset(inherit=False))
                                   for node in tree.subtree})
