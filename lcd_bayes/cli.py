@@ -112,17 +112,39 @@ def _add_fit(sub):
 
 
 def _fit(args):
-    from .api import fit
+    from .config import load_config
 
-    run = fit(
-        args.data, args.out, config=args.config, perturbation_key=args.perturbation_key, control=args.control,
+    # Settings, --out and the data are checked before the model loads: a refusal takes a second
+    # (the settings' before anndata loads, a fraction of one).
+    config = load_config(args.config)
+    from .io.fit_inputs import fit_inputs
+
+    inputs = fit_inputs(
+        args.data, args.out, config=config, perturbation_key=args.perturbation_key, control=args.control,
         sep=args.sep, targets=args.targets, likelihood=args.likelihood, layer=args.layer, steps=args.steps,
         seed=args.seed, n_top_genes=args.n_top_genes, gene_ranking=args.gene_ranking,
         predict_targets=args.predict_targets, total_counts_key=args.total_counts_key,
-        size_factor_key=args.size_factor_key, refine=args.refine, restart=args.restart,
-        progress=not args.no_progress,
+        size_factor_key=args.size_factor_key, refine=args.refine,
     )
-    _print_fit(run)
+    _load_jax()
+    from .api import fit
+
+    _print_fit(fit(inputs, restart=args.restart, progress=not args.no_progress))
+
+
+def _check_run(folder: str) -> None:
+    """Refuse a folder without a finished fit before the model loads; then load JAX."""
+    from .io.run_folder import require_finished
+
+    require_finished(folder)
+    _load_jax()
+
+
+def _load_jax() -> None:
+    """JAX, with the CLI's cache of compiled programs; called once the input has been checked."""
+    from .config import use_compilation_cache
+
+    use_compilation_cache()
 
 
 def _print_fit(run):
@@ -189,6 +211,7 @@ def _add_clipr(sub):
 
 
 def _clipr(args):
+    _check_run(args.run)
     from .analysis.clipr import clipr_run, format_edges
 
     _, table = clipr_run(args.run, ridge=args.ridge, tau=args.tau, hdi_prob=args.hdi_prob,
@@ -211,6 +234,7 @@ def _add_report(sub):
 
 
 def _report(args):
+    _check_run(args.run)
     from .pl import report_run
 
     for path in report_run(args.run, prob_threshold=args.prob_threshold, top=args.top):
@@ -238,7 +262,6 @@ def _add_predict(sub):
 
 
 def _predict(args):
-    from .api import load
     from .files import check_writable_folder
 
     start = time.perf_counter()
@@ -246,6 +269,8 @@ def _predict(args):
     if out.is_dir():
         raise FileExistsError(f"--out {out} is a folder; name the .h5ad file to write")
     check_writable_folder(out.parent, what=f"--out {out}: its folder")  # before any compute
+    _check_run(args.run)
+    from .api import load
     adata = load(args.run).predict(args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed,
                                    times=args.times)
     _write_prediction(adata, out, start)
@@ -365,6 +390,7 @@ def _demo(args):
 
     import numpy as np
 
+    _load_jax()
     from .analysis.clipr import clipr_run
     from .analysis.recovery import interval_coverage, recovery_against_truth
     from .api import fit
@@ -424,12 +450,8 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import use_compilation_cache
-
-    use_compilation_cache()
+    from .diagnostics import DataError, FitError
     from .files import UnwritableError
-    from .inference.svi import FitError
-    from .io.screen import DataError
 
     # Only the main thread may set a handler (main() called from another thread keeps the default).
     handles_sigterm = threading.current_thread() is threading.main_thread()

@@ -20,16 +20,16 @@ import xarray as xr
 from . import pl
 from .analysis.ppc import GROUP as PPC_GROUP
 from .analysis.ppc import posterior_predictive_check, ppc_dataset, ppc_table
-from .config import RunConfig, load_config
-from .diagnostics import LcdBayesWarning
+from .config import RunConfig
+from .diagnostics import FitError, LcdBayesWarning
 from .dynamics.nonlinear import check_fitted_stationarity
 from .inference.posterior import Coords, derive_globals, pointwise_log_likelihood, sample_guide, to_datatree
 from .inference.refine import refine_with_laplace, refine_with_nuts, resolve_refinement
 from .files import atomic_write, pause_point
-from .inference.svi import MAX_SKIPPED_FRACTION, FitError, FitResult, checkpoint_fingerprint, fit_svi, program
-from .io.run_folder import (CHECKPOINT, changed_settings, check_out_folder, data_record, discard_unfinished,
-                            read_h5ad, start_run_folder, write_run)
-from .io.screen import PerturbationData, load_perturbation_data, read_targets, summarize
+from .inference.svi import MAX_SKIPPED_FRACTION, FitResult, checkpoint_fingerprint, fit_svi, program
+from .io.fit_inputs import FitInputs, fit_inputs
+from .io.run_folder import CHECKPOINT, changed_settings, data_record, discard_unfinished, start_run_folder, write_run
+from .io.screen import PerturbationData, summarize
 from .model.program import CellBatch, Structure, link
 
 
@@ -53,21 +53,6 @@ def structure_of(data: PerturbationData, config: RunConfig) -> Structure:
     return Structure(data.design, data.targets, center.astype(np.float32), data.n_cells)
 
 
-def read_screen(adata: anndata.AnnData, config: RunConfig) -> PerturbationData:
-    """The screen as ``config``'s ``[data]`` section (and its likelihood) reads it: what a run's
-    ``config.toml`` repeats, the gene panel included."""
-    reading = config.data
-    return load_perturbation_data(
-        adata, perturbation_key=reading.perturbation_key, control=reading.control, sep=reading.sep,
-        layer=reading.layer, targets=reading.target_map(),
-        genes=None if reading.genes is None else list(reading.genes), n_top_genes=reading.n_top_genes,
-        gene_ranking=reading.gene_ranking,
-        predict_targets=None if reading.predict_targets is None else list(reading.predict_targets),
-        continuous=config.model.likelihood == "gaussian",
-        total_counts_key=reading.total_counts_key, size_factor_key=reading.size_factor_key,
-    )
-
-
 def _fingerprint(data: PerturbationData, config: RunConfig) -> str:
     """What a checkpoint must match to be resumed: the settings and every array the fit sees (the
     size factors too: other library sizes are other data)."""
@@ -78,7 +63,7 @@ def _fingerprint(data: PerturbationData, config: RunConfig) -> str:
 
 
 def fit(
-    adata: anndata.AnnData | str | Path,
+    adata: anndata.AnnData | str | Path | FitInputs,
     out: str | Path | None = None,
     *,
     config: RunConfig | str | Path | None = None,
@@ -102,7 +87,9 @@ def fit(
 ) -> FittedRun:
     """Fit a latent causal diffusion to a perturbation screen and return its posterior.
 
-    ``adata`` is an AnnData or a path to ``.h5ad``. With ``out`` the run folder is written
+    ``adata`` is an AnnData or a path to ``.h5ad`` (or the ``FitInputs`` that
+    ``lcd_bayes.io.fit_inputs.fit_inputs`` read with these arguments: the command line reads them
+    before loading the model, so that bad input is refused in about a second). With ``out`` the run folder is written
     (and an interrupted fit into the same folder resumes from its checkpoint). ``config`` is a
     ``RunConfig``, a TOML file (a run's ``config.toml`` repeats that run) or a shipped
     configuration's name (``lcd_linear``, the default, or ``lcd_nonlinear``). Arguments left as
@@ -122,22 +109,21 @@ def fit(
     draws. An unfinished fit in ``out`` of other data or settings is refused before anything is
     written, unless ``restart`` discards it; a finished one is always refused.
     """
-    folder = Path(out) if out is not None else None
-    if folder is not None:
-        check_out_folder(folder)  # before any compute
-    run_config = config if isinstance(config, RunConfig) else load_config(config)
-    if isinstance(targets, (str, Path)):
-        targets = read_targets(targets)  # recorded by content, so that config.toml needs no other file
-    run_config = run_config.replace(
-        model={"likelihood": likelihood}, fit={"steps": steps, "seed": seed, "refine": refine},
-        data={"perturbation_key": perturbation_key, "control": control, "sep": sep, "layer": layer,
-              "targets": targets, "genes": genes, "n_top_genes": n_top_genes, "gene_ranking": gene_ranking,
-              "predict_targets": predict_targets, "total_counts_key": total_counts_key,
-              "size_factor_key": size_factor_key},
-    )
-    if isinstance(adata, (str, Path)):
-        adata = read_h5ad(adata)
-    data = read_screen(adata, run_config)
+    reading_arguments = {
+        "perturbation_key": perturbation_key, "control": control, "sep": sep, "targets": targets,
+        "likelihood": likelihood, "layer": layer, "steps": steps, "seed": seed, "genes": genes,
+        "n_top_genes": n_top_genes, "gene_ranking": gene_ranking, "predict_targets": predict_targets,
+        "total_counts_key": total_counts_key, "size_factor_key": size_factor_key, "refine": refine,
+    }
+    if isinstance(adata, FitInputs):
+        inputs = adata
+        given = {name: value for name, value in reading_arguments.items() if value is not None}
+        if out is not None or config is not None or given:
+            raise ValueError(f"fit(FitInputs, ...) takes its settings from the inputs; pass none of out, config, "
+                             f"{', '.join(given) or 'the reading arguments'}")
+    else:
+        inputs = fit_inputs(adata, out, config=config, **reading_arguments)
+    run_config, data, folder = inputs.config, inputs.screen, inputs.folder
     if progress:
         print(summarize(data), flush=True)
     run_config = run_config.replace(fit=dataclasses.asdict(run_config.fit.resolved(run_config.model.likelihood,

@@ -57,6 +57,14 @@ def test_scripts_have_smoke_tests():
     assert {path.stem for path in ANALYSES.glob("*.py")} <= tested
 
 
+def test_benchmark_startup(tmp_path, monkeypatch):
+    run_script("benchmark_startup", "--repeats", "1", "--out", "out.json", cwd=tmp_path, monkeypatch=monkeypatch)
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert rows["--help"]["exit_code"] == 0 and rows["fit: bad setting"]["exit_code"] == 2
+    assert "learning_rate" in rows["fit: bad setting"]["last_line"]
+    assert all(finite(row["median_seconds"]) for row in rows.values())
+
+
 def test_benchmark_clipr(tmp_path, monkeypatch):
     run_script("benchmark_clipr", "--genes", "6", "--draws", "4", "--chunk-size", "2", "--out", "out.json",
                cwd=tmp_path, monkeypatch=monkeypatch)

@@ -1,5 +1,6 @@
 """The command line (README.md, "Command line"): flag names, outputs, errors, help with examples."""
 import anndata
+import numpy as np
 import pytest
 import xarray as xr
 
@@ -24,6 +25,7 @@ def test_fit_flags_match_the_contract():
 def test_gene_panel_options_reach_the_fit(monkeypatch, tmp_path):
     import lcd_bayes.api
     import lcd_bayes.cli
+    import lcd_bayes.io.fit_inputs
 
     parser = build_parser()
     args = parser.parse_args(["fit", "x.h5ad", "--out", "r", "--n-top-genes", "50", "--gene-ranking", "variance",
@@ -33,7 +35,8 @@ def test_gene_panel_options_reach_the_fit(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         parser.parse_args(["fit", "x.h5ad", "--out", "r", "--gene-ranking", "hvg"])
     seen = {}
-    monkeypatch.setattr(lcd_bayes.api, "fit", lambda data, out, **settings: seen.update(settings))
+    monkeypatch.setattr(lcd_bayes.io.fit_inputs, "fit_inputs", lambda data, out, **settings: seen.update(settings))
+    monkeypatch.setattr(lcd_bayes.api, "fit", lambda inputs, **settings: None)
     monkeypatch.setattr(lcd_bayes.cli, "_print_fit", lambda run: None)
     assert main(["fit", "x.h5ad", "--out", str(tmp_path / "r"), "--n-top-genes", "50", "--gene-ranking",
                  "dispersion", "--predict-targets", "A+B,C"]) == 0
@@ -91,6 +94,31 @@ def test_bad_input_exits_with_a_message_not_a_traceback(tmp_path, capsys):
     assert "guide" in err and "condition" in err  # names the missing key and what exists
     assert main(["fit", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "r2")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_bad_input_is_refused_before_the_model_loads(tmp_path):
+    """A refusal answers in about a second: settings, --out, the data and a run folder are checked
+    before JAX (seconds of imports) loads."""
+    import subprocess
+    import sys
+
+    anndata.AnnData(np.ones((20, 3), dtype=np.float32)).write_h5ad(tmp_path / "no_labels.h5ad")
+    (tmp_path / "bad.toml").write_text("[fit]\nlearning_rate = -0.1\n")
+    (tmp_path / "not_a_run").mkdir()
+    cases = [
+        ["fit", str(tmp_path / "no_labels.h5ad"), "--out", str(tmp_path / "run")],
+        ["fit", str(tmp_path / "no_labels.h5ad"), "--out", str(tmp_path / "run"), "--config", str(tmp_path / "bad.toml")],
+        ["fit", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "run")],
+        ["predict", str(tmp_path / "not_a_run"), "--perturbations", "A"],
+        ["clipr", str(tmp_path / "not_a_run")],
+    ]
+    for arguments in cases:
+        script = (f"import sys; from lcd_bayes.cli import main; code = main({arguments!r}); "
+                  "print(code, 'jax' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == ["2", "False"], (arguments, done.stdout, done.stderr)
+        assert "error:" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_config_key_is_reported(tmp_path, capsys):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import lcd_bayes.api
+import lcd_bayes.io.fit_inputs
 import lcd_bayes.run
 from lcd_bayes.cli import main
 from lcd_bayes.config import RunConfig
@@ -107,7 +108,7 @@ def test_sigterm_is_handled_like_ctrl_c(monkeypatch, tmp_path, capsys):
         os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends at the end of a job's time
         raise AssertionError("SIGTERM did not interrupt the fit")
 
-    monkeypatch.setattr(lcd_bayes.api, "fit", terminated_fit)
+    monkeypatch.setattr(lcd_bayes.io.fit_inputs, "fit_inputs", terminated_fit)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["fit", "x.h5ad", "--out", str(tmp_path / "run")]) == 128 + signal.SIGTERM
     assert "terminated" in capsys.readouterr().err
@@ -120,7 +121,7 @@ def no_compute(monkeypatch):
     def read(*args, **kwargs):
         raise AssertionError("the data were read before --out was checked")
 
-    monkeypatch.setattr(lcd_bayes.run, "read_h5ad", read)
+    monkeypatch.setattr(lcd_bayes.io.fit_inputs, "read_h5ad", read)
     monkeypatch.setattr(lcd_bayes.api, "load", read)
 
 

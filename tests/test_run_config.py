@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from lcd_bayes.config import RunConfig, load_config
+from lcd_bayes.io.fit_inputs import read_screen
 from lcd_bayes.io.screen import load_perturbation_data
-from lcd_bayes.run import _fingerprint, fit, read_screen
+from lcd_bayes.run import _fingerprint, fit
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
 
 TINY = RunConfig().replace(

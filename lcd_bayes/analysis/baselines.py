@@ -23,8 +23,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..config import BASELINES
+from ..diagnostics import DataError
 from ..io.expression import canonical_label, expression, label_parts, prediction_anndata
-from ..io.screen import DataError, few
+from ..io.screen import few
 from .splits import cell_conditions
 
 

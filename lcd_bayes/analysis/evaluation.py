@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..diagnostics import DataError
 from ..io.expression import UNS_KEY, canonical_label, expression, label_parts
 from ..io.run_folder import read_h5ad
-from ..io.screen import DataError, few
+from ..io.screen import few
 
 __all__ = [
     "MeanShifts",

@@ -44,6 +44,7 @@ import numpy as np
 import numpyro.distributions as dist
 import pandas as pd
 
+from ..diagnostics import DataError
 from ..dynamics.nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
 from ..dynamics.nonlinear import from_posterior, stationary_law_nonlinear
 from ..dynamics.stationary import stationary_law, stationary_means
@@ -51,7 +52,7 @@ from ..dynamics.transient import relaxing_means
 from ..inference.posterior import stacked_draws
 from ..io.expression import canonical_label, label_parts, prediction_anndata
 from ..io.run_folder import load_run
-from ..io.screen import DataError, has_empty_part
+from ..io.screen import has_empty_part
 from ..model.program import count_distribution, link
 
 DEFAULT_CELL_DRAWS = 100  # posterior draws the predicted cells cycle over

@@ -17,8 +17,9 @@ import anndata
 import numpy as np
 import pandas as pd
 
+from ..diagnostics import DataError
 from ..io.expression import canonical_label, label_parts
-from ..io.screen import DataError, few
+from ..io.screen import few
 
 
 class Split(NamedTuple):

@@ -23,14 +23,11 @@ from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
+from ..diagnostics import FitError
 from ..files import atomic_write, pause_point
 from ..model.program import CellBatch, Structure, lcd_model
 from .guides import global_variational_family
 from .initialization import init_at, initial_values
-
-
-class FitError(RuntimeError):
-    """The fit cannot go on; the message says why and what to change."""
 
 
 class FitResult(NamedTuple):

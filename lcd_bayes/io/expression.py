@@ -18,7 +18,8 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from .screen import DataError, as_matrix, convert_lognorm, few, label_parts, validate_counts
+from ..diagnostics import DataError
+from .screen import as_matrix, convert_lognorm, few, label_parts, validate_counts
 
 UNS_KEY = "lcd_bayes"
 SPACES = ("counts", "log1p_normalized")

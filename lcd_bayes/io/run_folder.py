@@ -28,8 +28,9 @@ import pandas as pd
 import xarray as xr
 
 from ..config import RunConfig, load_config
+from ..diagnostics import DataError
 from ..files import atomic_write, check_writable_folder, partial_name, write_text
-from .screen import DataError, PerturbationData
+from .screen import PerturbationData
 
 
 def read_h5ad(path: str | Path) -> anndata.AnnData:

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..config import DEFAULT_GENE_RANKING, GENE_RANKINGS
-from ..diagnostics import LcdBayesWarning
+from ..diagnostics import DataError, LcdBayesWarning
 from .genes import select_genes
 
 __all__ = [
@@ -47,10 +47,6 @@ IMPLAUSIBLE_RATIO = 100.0
 _CONTROL_NAMES = ("control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "safe-targeting")
 # obs columns that often hold library sizes; used only to suggest a `total_counts_key=` value.
 _TOTAL_COUNTS_NAMES = ("total_counts", "n_counts", "ncounts", "nCount_RNA", "nUMI", "umi_count")
-
-
-class DataError(ValueError):
-    """Bad input data; the message says what is wrong and how to fix it."""
 
 
 class PerturbationData(NamedTuple):
