@@ -122,7 +122,12 @@ def predict_baseline(train: anndata.AnnData, conditions, *, method: str, n_cells
         raise ValueError(f"n_cells must be a positive integer, not {n_cells!r}")
     if isinstance(conditions, str):
         conditions = [conditions]
-    requested = list(dict.fromkeys(canonical_label(c, control, sep) for c in conditions))
+    # Each condition keeps the label it was asked by (the first spelling of it), as in
+    # lcd_bayes.analysis.predict, so that the user's own tables join on it.
+    first_spelling = {}
+    for label in conditions:
+        first_spelling.setdefault(canonical_label(label, control, sep), str(label))
+    requested = list(first_spelling.values())
     if not requested:
         raise DataError("no conditions to predict; pass at least one condition label.")
 
