@@ -154,8 +154,12 @@ def require_finished(folder: str | Path) -> str:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such run folder: {folder}; create it with `lcd-bayes fit DATA --out {folder}`")
+    resume = "resume it by running the same `lcd-bayes fit` command (or `lcd_bayes.fit(..., out=...)`) again"
     if (folder / CHECKPOINT).exists():
-        todo = "resume it by running the same `lcd-bayes fit` command (or `lcd_bayes.fit(..., out=...)`) again"
+        todo = resume
+    elif (folder / "config.toml").exists() and not (folder / FINISHED).exists():
+        # A fit started here (config.toml is written first) and was stopped before its first checkpoint.
+        todo = f"{resume}; it was stopped before its first checkpoint, so it starts afresh"
     else:
         todo = "refit (`lcd-bayes fit DATA --out NEW_FOLDER`, or `lcd_bayes.fit(adata)`)"
     if not (folder / FINISHED).exists():
