@@ -12,7 +12,8 @@ lowering its target's production c by a multiple of that gene's stationary sd (a
 knockdown). Cells are drawn from the exact stationary law N(m_p, S), S solving the Lyapunov
 equation (no Euler steps), then observed as Gaussian values (the state plus measurement noise,
 kept within +-8) or as Poisson-log-normal counts of ``exp(log baseline + x)`` times a per-cell
-library size that is not written to ``obs``.
+library size, kept in ``obs["true_library_size"]`` for diagnosis (a fit is not told it unless
+given ``size_factor_key``).
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def independent_screen(n_genes: int, *, cells_per_condition: int = 150, observat
         values = rng.poisson(library * np.exp(log_baseline + np.clip(state, -6.0, 6.0))).astype(np.float32)
     obs = pd.DataFrame({"perturbation": np.repeat(labels, cells_per_condition)},
                        index=[f"cell{i}" for i in range(len(state))])
+    if observation == "counts":
+        obs["true_library_size"] = library[:, 0]
     adata = anndata.AnnData(values.astype(np.float32), obs=obs,
                             var=pd.DataFrame(index=[f"G{g}" for g in range(d)]))
     adata.uns["independent_truth"] = {"drift": drift}
