@@ -114,8 +114,8 @@ def _add_fit(sub):
 def _fit(args):
     from .config import load_config
 
-    # Settings, --out and the data are checked before the model loads: a refusal takes a second
-    # (the settings' before anndata loads, a fraction of one).
+    # Settings, --out and the data are checked before the model loads, so a refusal takes about a
+    # second; the settings are read even before anndata is imported, in a fraction of one.
     config = load_config(args.config)
     from .io.fit_inputs import fit_inputs
 
@@ -271,6 +271,7 @@ def _predict(args):
     check_writable_folder(out.parent, what=f"--out {out}: its folder")  # before any compute
     _check_run(args.run)
     from .api import load
+
     adata = load(args.run).predict(args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed,
                                    times=args.times)
     _write_prediction(adata, out, start)
