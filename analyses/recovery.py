@@ -163,7 +163,8 @@ def main(args):
                                   **reading)
                         row = {"simulator": args.simulator, "genes": genes, "likelihood": likelihood, "perturbed_fraction": fraction,
                                "seed": seed, "sim_link": args.sim_link, "link": run.config.model.link,
-                               "library_sizes": args.library_sizes, "guide": config.fit.resolved_guide(genes), "refine": run.config.fit.refine,
+                               "library_sizes": "not told" if args.simulator == "independent" else args.library_sizes,
+                               "library": run.config.model.library, "guide": config.fit.resolved_guide(genes), "refine": run.config.fit.refine,
                                "steps": int(run.fit.losses.size), "skipped_steps": int(run.fit.skipped_steps),
                                "finite": bool(np.isfinite(run.fit.losses).all()),
                                "overrides": args.set, "final_loss": float(np.median(run.fit.losses[-200:])),

@@ -16,6 +16,14 @@ from typing import Any, Callable, NamedTuple
 
 LIKELIHOODS = ("nb", "zip", "poisson", "gaussian")
 LINKS = ("softplus", "exp")
+# Where each cell's library size comes from (ModelConfig.library).
+LIBRARIES = ("auto", "observed", "latent")
+# "auto" integrates the library sizes out ("latent") when the size factors are the totals of at
+# most this many genes: a small panel's totals move with the perturbations and with each cell's
+# own state, and dividing by them cost most of the edge ranking on screens the fit did not draw
+# (analyses/RESULTS.md, "Library sizes of a small panel"). Totals over a whole transcriptome, or
+# library sizes given in an obs column, are kept as observed.
+LATENT_LIBRARY_MAX_GENES = 200
 # Schemes of the linear drift's stationary law (lcd_bayes.dynamics.stationary).
 SCHEMES = ("euler", "trapezoidal")
 GUIDES = ("auto", "row_block", "mean_field", "low_rank")
@@ -80,7 +88,8 @@ _FRACTION = _number(0, 1)
 # are read, naming the section and key; where one setting constrains another (the nonlinear
 # drift's simulation), ``__post_init__`` checks that after these.
 MODEL_RULES: dict[str, Rule] = {
-    "likelihood": _choice(LIKELIHOODS), "link": _choice(LINKS), "dt": _number(0, 1, high_open=True),
+    "likelihood": _choice(LIKELIHOODS), "link": _choice(LINKS), "library": _choice(LIBRARIES),
+    "library_sd_scale": _POSITIVE, "dt": _number(0, 1, high_open=True),
     "scheme": _choice(SCHEMES), "n_doublings": _integer(1), "sigma": _POSITIVE,
     "max_spectral_radius": _number(0, 1, high_open=True), "stability_penalty": _number(0, low_open=False),
     "interaction_global_scale": _POSITIVE, "interaction_slab_scale": _POSITIVE, "interaction_slab_df": _POSITIVE,
@@ -228,6 +237,14 @@ class ModelConfig:
     # and explained the perturbations as noise (top-20 mean-shift correlation of the training
     # singles 0.13, a non-finite ELBO at step 266); with "exp" it reproduced them (0.87).
     link: str = "exp"
+    # Each cell's library size s_i. "observed": the size factors as read (an obs column given with
+    # size_factor_key / total_counts_key, or the cells' totals over every gene of the matrix).
+    # "latent": log s_i ~ Normal(0, library_sd), library_sd ~ HalfNormal(library_sd_scale),
+    # integrated out with the cell's state (model.program.lcd_model); the totals only start its
+    # proposal. "auto": latent when the size factors are the totals of at most
+    # LATENT_LIBRARY_MAX_GENES genes (a small panel), observed otherwise (resolved_library).
+    library: str = "auto"
+    library_sd_scale: float = 0.5  # real droplet libraries vary by a log-sd of ~0.3-0.7
     dt: float = 0.01  # step of the discretized SDE
     # Linear drift: "trapezoidal" (Crank–Nicolson) chains have the SDE's own stationary law for any
     # dt (dynamics/stationary.py); "euler" (Euler–Maruyama) ones have variances 1 / (1 - dt D / 2)
@@ -299,6 +316,16 @@ class ModelConfig:
             except ValueError as error:
                 raise ValueError(f"[model] sim_steps and sim_thin (the simulation's n_sample and thin): "
                                  f"{error}") from None
+
+    def resolved_library(self, library_genes: int | None) -> str:
+        """``library`` made concrete for size factors that are the totals of ``library_genes``
+        genes (None: read from an obs column); "observed" for continuous data, which has none."""
+        if self.likelihood == "gaussian":
+            return "observed"
+        if self.library != "auto":
+            return self.library
+        small_panel = library_genes is not None and library_genes <= LATENT_LIBRARY_MAX_GENES
+        return "latent" if small_panel else "observed"
 
     def simulation_settings(self, particles: int | None = None):
         """The particle simulation of the nonlinear drift's stationary law, as configured."""

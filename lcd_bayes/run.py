@@ -53,6 +53,15 @@ def structure_of(data: PerturbationData, config: RunConfig) -> Structure:
     return Structure(data.design, data.targets, center.astype(np.float32), data.n_cells)
 
 
+def library_summary(data: PerturbationData, library: str) -> str:
+    """One line on where the cells' library sizes come from (``library`` resolved)."""
+    source = ("an obs column" if data.library_genes is None
+              else f"each cell's total over the matrix's {data.library_genes} genes")
+    if library == "latent":
+        return f"library sizes: latent, integrated out per cell (started from {source}; [model] library)"
+    return f"library sizes: from {source}"
+
+
 def _fingerprint(data: PerturbationData, config: RunConfig) -> str:
     """What a checkpoint must match to be resumed: the settings and every array the fit sees (the
     size factors too: other library sizes are other data)."""
@@ -127,7 +136,10 @@ def fit(
     if progress:
         print(summarize(data), flush=True)
     run_config = run_config.replace(fit=dataclasses.asdict(run_config.fit.resolved(run_config.model.likelihood,
-                                                                                   data.n_cells)))
+                                                                                   data.n_cells)),
+                                    model={"library": run_config.model.resolved_library(data.library_genes)})
+    if progress and data.is_counts:
+        print(library_summary(data, run_config.model.library), flush=True)
     structure = structure_of(data, run_config)
     cells = CellBatch(data.counts, data.size_factor, data.condition)
     # Resolved before fitting: a model too large for an explicit refinement is refused before any

@@ -2,8 +2,9 @@
 enters as an importance-weighted bound with draws from ``conditional_proposal``.
 
 Checked against a quadrature of the exact marginal on a 2-gene system without interactions (the
-stationary covariance is then diagonal, so the integral is a product of 1-D integrals), and the
-proposal against the closed-form product of the state law and the encoder's pseudo-likelihood.
+stationary covariance is then diagonal, so the integral is a product of 1-D integrals, inside one
+over the log library when that is latent), and the proposal against the closed-form product of the
+state law and the encoder's pseudo-likelihood.
 """
 from __future__ import annotations
 
@@ -56,32 +57,48 @@ def _cells() -> CellBatch:
     return CellBatch(jnp.asarray(COUNTS), jnp.asarray(SIZE_FACTOR), jnp.zeros(len(COUNTS), jnp.int32))
 
 
-def _bound(particles: int, key) -> np.ndarray:
+LIBRARY_SD = 0.4  # of the latent log library sizes
+
+
+def _bound(particles: int, key, library: str = "observed") -> np.ndarray:
     """Per-cell log-marginal estimate the program adds to the ELBO."""
-    config = ModelConfig(dt=0.001, n_doublings=18, link="softplus")  # near the continuous-time law; _exact's link
+    # Near the continuous-time law; _exact's link (the softplus, or with a latent library the exp,
+    # along which the library and the state add, so that moving the proposal with it is exact).
+    config = ModelConfig(dt=0.001, n_doublings=18, link="softplus" if library == "observed" else "exp",
+                         library=library)
     model = functools.partial(lcd_model, structure=_structure(), config=config, cell_particles=particles)
     # A weak pseudo-likelihood keeps the proposal near the state law, which covers each cell's
     # posterior, so that 4096 draws suffice for the estimate to be near exact.
-    encoder = {"encoder_precision": jnp.full(N_GENES, 0.5), "encoder_hidden_out": jnp.zeros((64, N_GENES))}
+    encoder = {"encoder_precision": jnp.full(N_GENES, 0.5), "encoder_hidden_out": jnp.zeros((64, N_GENES)),
+               "library_encoder_sd": jnp.asarray(0.5), "library_sd": jnp.asarray(LIBRARY_SD)}
     model_trace = trace(seed(substitute(model, data={**GLOBALS, **encoder}), key)).get_trace(_cells())
     return np.asarray(model_trace["y"]["fn"].log_factor)
 
 
-def _exact() -> np.ndarray:
-    """log p(y_i) = sum_g log int N(x; b_g, 1/(2 D_g)) NB(y_ig; s_i softplus(x) u_g, phi_g) dx."""
-    x = np.linspace(-12.0, 12.0, 40001)
+def _exact(library: str = "observed") -> np.ndarray:
+    """log p(y_i) = sum_g log int N(x; b_g, 1/(2 D_g)) NB(y_ig; s_i softplus(x) u_g, phi_g) dx; with a
+    latent library log int N(l; 0, LIBRARY_SD^2) prod_g int N(x; ...) NB(y_ig; e^l exp(x) u_g, phi_g) dx dl."""
+    x = np.linspace(-12.0, 12.0, 8001)
     step = x[1] - x[0]
-    out = np.zeros(len(COUNTS))
+    if library == "observed":
+        log_sizes, log_library_weight = np.log(SIZE_FACTOR)[:, None], np.zeros((len(COUNTS), 1))
+    else:
+        grid = np.linspace(-6 * LIBRARY_SD, 6 * LIBRARY_SD, 241)
+        log_sizes = np.broadcast_to(grid, (len(COUNTS), grid.size))
+        log_library_weight = (-0.5 * (grid / LIBRARY_SD) ** 2 - np.log(LIBRARY_SD * np.sqrt(2 * np.pi))
+                              + np.log(grid[1] - grid[0]))[None, :] + np.zeros((len(COUNTS), 1))
+    rate_of_state = np.logaddexp(0.0, x) if library == "observed" else np.exp(x)
+    out = log_library_weight.copy()  # (cells, library grid)
     for g in range(N_GENES):
         var = 1.0 / (2.0 * DECAY[g])
         log_state = -0.5 * (x - BASAL_RELATIVE[g]) ** 2 / var - 0.5 * np.log(2 * np.pi * var)
-        for i, (y, s) in enumerate(zip(COUNTS[:, g], SIZE_FACTOR)):
-            mean = s * np.logaddexp(0.0, x) * GENE_SCALE[g] + 1e-6
+        for i, y in enumerate(COUNTS[:, g]):
+            mean = np.exp(log_sizes[i])[:, None] * rate_of_state[None, :] * GENE_SCALE[g] + 1e-6
             phi = CONCENTRATION[g]
             log_nb = (gammaln(y + phi) - gammaln(phi) - gammaln(y + 1)
                       + phi * np.log(phi / (phi + mean)) + y * np.log(mean / (phi + mean)))
-            out[i] += logsumexp(log_state + log_nb) + np.log(step)
-    return out
+            out[i] += logsumexp(log_state + log_nb, axis=-1) + np.log(step)
+    return logsumexp(out, axis=-1)
 
 
 @pytest.mark.slow  # thousands of importance draws per cell: ~20 s
@@ -92,6 +109,18 @@ def test_importance_bound_tends_to_the_exact_cell_marginal():
     # A lower bound on average, tighter with more particles, and close to exact with many.
     # (Measured: the 4096-draw estimate within 0.003 nats of the quadrature; 1 draw 0.06-0.29 below.)
     assert np.all(averages[1] < averages[16]) and np.all(averages[16] < exact + 0.03)
+    assert np.all(averages[1] < exact - 0.03)
+    np.testing.assert_allclose(averages[4096], exact, atol=0.02)
+
+
+@pytest.mark.slow  # thousands of importance draws per cell: ~20 s
+def test_importance_bound_integrates_a_latent_library_out():
+    """With ``library = "latent"`` each cell's library is drawn with its state, and the bound tends
+    to the marginal over both."""
+    exact = _exact("latent")
+    keys = jax.random.split(jax.random.PRNGKey(3), 64)
+    averages = {k: np.mean([_bound(k, key, "latent") for key in keys[:16 if k > 64 else 64]], axis=0)
+                for k in (1, 4096)}
     assert np.all(averages[1] < exact - 0.03)
     np.testing.assert_allclose(averages[4096], exact, atol=0.02)
 
@@ -112,11 +141,13 @@ def _proposal(covariance, means, precision_values, condition=None):
     return seed(substitute(proposal, data=fixed), 0)()
 
 
-def _expected_law(covariance, mean, precision_values):
-    """The product of N(x; mean, covariance) and N(guess; x, P^-1), normalized: mean and covariance."""
+def _expected_law(covariance, mean, precision_values, moved=0.0):
+    """The product of N(x; mean, covariance) and N(guess - moved; x, P^-1), normalized: mean and
+    covariance (``moved``: per cell)."""
     # With the encoder's corrections at zero its pseudo-observation is each cell's crude guess.
     normalized = (COUNTS + 0.5) / (SIZE_FACTOR[:, None] * GENE_SCALE)
     guess = np.log(normalized) if ModelConfig().link == "exp" else np.log(np.expm1(normalized))  # the inverse link
+    guess = guess - np.reshape(moved, (-1, 1))
     expected_cov = np.linalg.inv(np.linalg.inv(covariance) + np.diag(precision_values))
     expected_mean = (expected_cov @ (np.linalg.inv(covariance) @ mean[:, None]
                                      + (np.asarray(precision_values)[:, None] * guess.T))).T
@@ -157,6 +188,30 @@ def test_conditional_proposal_with_a_law_per_condition():
         state = dist.MultivariateNormal(means[c], covariances[c]).log_prob(draws[:, cell])
         proposal = dist.MultivariateNormal(jnp.asarray(expected_mean[cell]), jnp.asarray(expected_cov)).log_prob(draws[:, cell])
         np.testing.assert_allclose(q.log_density_ratio(draws)[:, cell], state - proposal, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("per_condition", [False, True])
+def test_moved_proposal_is_the_proposal_of_the_moved_pseudo_observation(per_condition):
+    """A latent library moves each cell's pseudo-observation by its draw; ``moved`` gives, per
+    draw, the same law as the proposal built from the moved pseudo-observation."""
+    covariances = jnp.array([[[0.5, 0.2], [0.2, 0.4]], [[1.5, -0.3], [-0.3, 0.2]]])
+    means = jnp.array([[0.3, -1.0], [1.0, 0.5]])
+    precision_values = jnp.array([2.0, 0.7])
+    condition = jnp.array([1, 0, 1], jnp.int32) if per_condition else jnp.zeros(3, jnp.int32)
+    q = _proposal(covariances if per_condition else covariances[0], means if per_condition else means[:1],
+                  precision_values, condition if per_condition else None)
+    shifts = np.array([[0.4, -0.2, 1.1], [-0.7, 0.0, 0.3]], np.float32)  # (draws, cells)
+    moved = q.moved(jnp.asarray(shifts))
+    draws = moved.sample(jax.random.PRNGKey(4), 2)  # one draw per shift
+    for row, shift in enumerate(shifts):
+        for cell, c in enumerate(np.asarray(condition)):
+            _, expected_mean, expected_cov = _expected_law(np.asarray(covariances[c]), np.asarray(means[c]),
+                                                           precision_values, shift)
+            np.testing.assert_allclose(moved.mean()[row, cell], expected_mean[cell], rtol=1e-4, atol=1e-5)
+            state = dist.MultivariateNormal(means[c], covariances[c]).log_prob(draws[row, cell])
+            proposal = dist.MultivariateNormal(jnp.asarray(expected_mean[cell]), jnp.asarray(expected_cov)).log_prob(
+                draws[row, cell])
+            np.testing.assert_allclose(moved.log_density_ratio(draws)[row, cell], state - proposal, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("likelihood", ["nb", "poisson", "zip"])

@@ -11,7 +11,8 @@ For every posterior draw ``s`` the condition's stationary law is
     mu_sq = -A_s^{-1} (b_s + sum_{p in q} c_sp),    Sigma_s (shared by all conditions)
 
 and a predicted cell is ``x ~ N(mu_sq, Sigma_s)``, a library size ``s ~ LogNormal`` with the
-control cells' moments, and counts ``y ~ NB(s link(x) u_s, phi_s)`` (or the run's likelihood).
+control cells' moments (with ``[model] library = "latent"`` the fitted ``LogNormal(0, library_sd)``),
+and counts ``y ~ NB(s link(x) u_s, phi_s)`` (or the run's likelihood).
 Cells cycle over a random subset of draws, so the spread of predicted cells carries the
 posterior's uncertainty as well as the cell-to-cell noise.
 
@@ -240,6 +241,8 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     offsets = condition_offsets(draws, request, key_shift)
     library = (record.get("control_size_factor_log_mean", 0.0), record.get("control_size_factor_log_sd",
                                                                             record.get("mean_size_factor_log_sd", 0.0)))
+    if model.library == "latent":  # the fitted law of the log library sizes, not the panel totals'
+        library = (0.0, float(np.median(stacked_draws(posterior["library_sd"]))))
     if nonlinear:
         # One noise key per draw, shared by the summaries and the cells: the same law for both.
         law_keys = jax.random.split(jax.random.fold_in(key_shift, 1), n_samples)

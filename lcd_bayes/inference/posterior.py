@@ -57,10 +57,11 @@ VARIABLE_DIMS = {
     "concentration": ("gene",),
     "gate": ("gene",),
     "noise_sd": ("gene",),
+    "library_sd": (),  # [model] library = "latent": spread of the cells' log library sizes
 }
 # Sampled sites kept in the posterior as drawn (where the model has them).
 _STORED_AS_DRAWN = ("gene_scale", "concentration", "gate", "noise_sd", "interaction_scale", "shift_mean", "shift_sd",
-                    "decay_location", "decay_spread", "concentration_location", "concentration_spread")
+                    "decay_location", "decay_spread", "concentration_location", "concentration_spread", "library_sd")
 
 
 def draw_globals(guide, params: dict, structure: Structure, model_config, *, num_samples: int,

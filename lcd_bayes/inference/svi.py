@@ -304,7 +304,9 @@ def fit_svi(
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in
                                                           jax.tree_util.tree_leaves(svi.get_params(new))]))
         kept = jax.tree_util.tree_map(lambda updated, old: jnp.where(finite, updated, old), new, state)
-        return kept._replace(rng_key=new.rng_key), loss  # the next step draws afresh
+        # A skipped step's loss is recorded as non-finite, whichever of the two was: that is how
+        # steps are counted as skipped, and a fit whose every step is skipped stops.
+        return kept._replace(rng_key=new.rng_key), jnp.where(finite, loss, jnp.nan)  # the next step draws afresh
 
     def chunk(state, cells, first_step):
         def scanned(carry, step):

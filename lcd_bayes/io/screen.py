@@ -75,6 +75,10 @@ class PerturbationData(NamedTuple):
         True for counts (negative-binomial likelihood), False for continuous values.
     perturbation_key, control, sep : str
         The obs column, control label and combination separator the data were read with.
+    library_genes : int or None
+        How many genes' totals made ``size_factor`` (every gene of the source matrix); None when
+        the library sizes came from an obs column (``size_factor_key``, ``total_counts_key``) or
+        the data are not counts.
     """
 
     counts: np.ndarray
@@ -89,6 +93,7 @@ class PerturbationData(NamedTuple):
     perturbation_key: str
     control: str
     sep: str
+    library_genes: int | None = None
 
     @property
     def n_cells(self) -> int:
@@ -882,6 +887,7 @@ def load_perturbation_data(
             "spelling or remove them."
         )
 
+    library_genes = None
     if continuous:
         size_factor = np.ones(adata.n_obs)
     else:
@@ -889,6 +895,7 @@ def load_perturbation_data(
             totals = _positive_obs_column(adata, size_factor_key, "size_factor_key")
         if totals is None:
             totals = _row_totals(matrix)
+            library_genes = int(matrix.shape[1])
         empty = np.flatnonzero(totals <= 0)
         if empty.size:
             raise DataError(
@@ -989,6 +996,7 @@ def load_perturbation_data(
         perturbation_key=perturbation_key,
         control=control,
         sep=sep,
+        library_genes=library_genes,
     )
 
 
