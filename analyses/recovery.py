@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from lcd_bayes.analysis.clipr import clipr_run
-from lcd_bayes.analysis.recovery import edge_recovery, interval_coverage, off_diagonal
+from lcd_bayes.analysis.recovery import clipr_scores
 from lcd_bayes.config import load_config
 from lcd_bayes.run import fit
 from lcd_bayes.sim.graphs import effect_matrix
@@ -62,33 +62,8 @@ def screen(args, genes: int, likelihood: str, fraction: float, seed: int):
 
 
 def score(folder: Path, truth: np.ndarray) -> dict:
-    tree, table = clipr_run(folder)
-    effect = tree["posterior"]["effect"]
-    mean = effect.mean(("chain", "draw")).transpose("source", "target").values
-    sd = effect.std(("chain", "draw")).transpose("source", "target").values
-    prob_edge = tree["edges"]["prob_edge"].transpose("source", "target").fillna(0).values
-    off = ~np.eye(truth.shape[0], dtype=bool)
-    edges = off & (truth != 0)
-    by_prob = edge_recovery(truth, prob_edge)
-    by_mean = edge_recovery(truth, np.abs(mean), mean)
-    return {
-        "auroc_prob_edge": by_prob["auroc"], "auprc_prob_edge": by_prob["auprc"],
-        "auroc_abs_mean": by_mean["auroc"], "auprc_abs_mean": by_mean["auprc"],
-        "sign_accuracy": by_mean["sign_accuracy"], "n_edges": by_mean["n_edges"],
-        "coverage50_all": interval_coverage(effect, truth, 0.5, off), "coverage90_all": interval_coverage(effect, truth, 0.9, off),
-        "coverage50_edges": interval_coverage(effect, truth, 0.5, edges),
-        "coverage90_edges": interval_coverage(effect, truth, 0.9, edges),
-        # Absent edges (true effect 0): a sparse prior's spike at 0 covers them more often than
-        # the nominal rate, which lifts the all-pairs numbers above the edges' own.
-        "coverage50_absent": interval_coverage(effect, truth, 0.5, off & ~edges),
-        "coverage90_absent": interval_coverage(effect, truth, 0.9, off & ~edges),
-        # Why intervals miss the true edges: the posterior mean's error in posterior sds (a
-        # calibrated Gaussian posterior has a median |z| of 0.67) and its least-squares slope on
-        # the truth (below 1: shrunk toward 0).
-        "edge_abs_z_median": float(np.median(np.abs(mean - truth)[edges] / sd[edges])),
-        "edge_slope": float(np.sum(mean[edges] * truth[edges]) / np.sum(truth[edges] ** 2)),
-        "tau": float(tree["edges"].attrs["tau"]) if "tau" in tree["edges"].attrs else None,
-    }
+    tree, _table = clipr_run(folder)
+    return clipr_scores(tree, truth)
 
 
 def refinement_record(attrs) -> dict:

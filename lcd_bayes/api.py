@@ -20,6 +20,7 @@ import pandas as pd
 import xarray as xr
 
 from .analysis.clipr import clipr_posterior, summary_at, summary_to_table
+from .calibration import calibration_check, write_calibration
 from .analysis.predict import DEFAULT_CELL_DRAWS, predict_posterior
 from .config import RunConfig
 from .analysis.evaluation import evaluate
@@ -118,6 +119,17 @@ class Run:
         name = str(self.folder.resolve()) if self.folder is not None else "in memory"
         return predict_posterior(self.posterior, self.config, self.record, perturbations, n_cells=n_cells,
                                  n_draws=n_draws, seed=seed, run_name=name, times=times)
+
+    def calibrate(self, replicates: int = 3, *, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+        """How often CLIPR's 50% / 90% intervals hold the truth on ``replicates`` screens drawn from
+        this fit's posterior, each refitted with its settings (``lcd_bayes.calibration``; one fit
+        per replicate). One row per screen, the means in ``attrs["mean"]``; a run folder gets
+        ``calibration.csv``."""
+        table = calibration_check(self.posterior, self.config, self.record, replicates=replicates, seed=seed,
+                                  progress=progress)
+        if self.folder is not None:
+            write_calibration(self.folder, table)
+        return table
 
     def save(self, folder: str | Path) -> Path:
         """Write the run folder (``config.toml``, ``data.json``, ``posterior.nc``, ``elbo.csv``,

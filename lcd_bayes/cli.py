@@ -220,6 +220,32 @@ def _clipr(args):
     print(f"wrote {Path(args.run) / 'clipr.nc'} and {Path(args.run) / 'edges.csv'} ({len(table)} gene pairs)")
 
 
+def _add_calibrate(sub):
+    p = sub.add_parser(
+        "calibrate", help="check a run's intervals on screens drawn from its own posterior (one fit each)",
+        description="Draw screens of the run's design from its posterior (one draw as the truth each), fit "
+                    "each with the run's settings, and report how often CLIPR's 50% / 90% intervals hold the "
+                    "drawn truth's effects. Writes RUN/calibration.csv. Costs one fit per replicate.",
+        epilog="example: lcd-bayes calibrate runs/sim --replicates 3",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run", help="run folder written by `lcd-bayes fit`")
+    p.add_argument("--replicates", type=int, default=3, help="screens drawn and fitted")
+    p.add_argument("--seed", type=int, default=0, help="which posterior draws and cells")
+    p.set_defaults(func=_calibrate)
+
+
+def _calibrate(args):
+    if args.replicates < 1:
+        raise ValueError(f"--replicates must be a positive number of refits, not {args.replicates}")
+    _check_run(args.run)
+    from .calibration import calibration_run, format_calibration
+
+    table = calibration_run(args.run, replicates=args.replicates, seed=args.seed)
+    print(format_calibration(table))
+    print(f"wrote {Path(args.run) / 'calibration.csv'}")
+
+
 def _add_report(sub):
     p = sub.add_parser(
         "report", help="figures of a run: ELBO trace, edge heatmap, forest plot, network",
@@ -434,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: lcd-bayes demo",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_fit, _add_clipr, _add_report, _add_predict, _add_baseline, _add_evaluate,
+    for add in (_add_simulate, _add_fit, _add_clipr, _add_calibrate, _add_report, _add_predict, _add_baseline, _add_evaluate,
                 _add_demo):
         add(sub)
     return parser

@@ -156,6 +156,7 @@ def test_recovery_on_the_independent_simulator(tmp_path, monkeypatch):
                monkeypatch=monkeypatch)
     (row,) = json.loads((tmp_path / "out.json").read_text())
     assert row["simulator"] == "independent" and row["genes"] == 6 and row["finite"]
+    assert row["library"] == "latent"  # a 6-gene matrix's totals: the libraries are integrated out
     assert finite(row["auroc_prob_edge"], row["coverage90_edges"])
 
 
