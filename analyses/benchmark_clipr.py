@@ -18,7 +18,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from lcd_bayes.files import write_json
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 
@@ -86,9 +87,7 @@ def main(args):
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1))
+    path = write_json(args.out, rows)
     print(f"wrote {path}")
 
 

@@ -21,13 +21,11 @@ Timings on a shared 2-core machine are noisy: compare ratios and medians, not si
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 if "--host-devices" in sys.argv:  # JAX reads the device count when it starts
@@ -39,6 +37,7 @@ import numpy as np
 
 from lcd_bayes.analysis.recovery import recovery_against_truth
 from lcd_bayes.config import load_config
+from lcd_bayes.files import write_json
 from lcd_bayes.run import fit
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
@@ -98,9 +97,7 @@ def main(args):
                           f"AUROC {entry['median_auroc']:.3f}", flush=True)
                 results["runs"].append(entry)
     results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    out = write_json(args.out, results)
     print(f"peak memory {results['peak_rss_gib']:.1f} GiB; wrote {out}")
 
 

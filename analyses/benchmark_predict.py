@@ -21,6 +21,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 
 from lcd_bayes.analysis.predict import predict
+from lcd_bayes.files import write_json
 from lcd_bayes.run import fit
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
 
@@ -47,9 +48,7 @@ def main(args):
                "first_call_seconds": first, "median_seconds": statistics.median(repeats), "repeats": args.repeats}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    out = write_json(args.out, rows)
     print(f"wrote {out}")
 
 

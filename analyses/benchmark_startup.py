@@ -7,7 +7,6 @@ Timings on a shared machine are noisy: quote medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pandas as pd
+
+from lcd_bayes.files import write_json
 
 
 def commands(folder: Path) -> dict[str, list[str]]:
@@ -55,9 +56,7 @@ def main(args) -> None:
             rows[name] = {"median_seconds": statistics.median(seconds), "seconds": seconds,
                           "exit_code": done.returncode, "last_line": (done.stderr or done.stdout).strip().splitlines()[-1][:160]}
             print(f"{name:22s} {statistics.median(seconds):6.2f} s (exit {done.returncode})", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    out = write_json(args.out, rows)
     print(f"wrote {out}")
 
 

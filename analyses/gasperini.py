@@ -38,6 +38,7 @@ import numpy as np
 
 from lcd_bayes.analysis.predict import predict
 from lcd_bayes.analysis.ppc import ppc_table
+from lcd_bayes.files import write_json
 from lcd_bayes.run import fit
 
 CONTROL = "control"
@@ -125,9 +126,7 @@ def main(args):
                            "prediction": unseen(folder, adata, list(args.held_out), args.seed)}
     print(json.dumps(results["held_out"], default=float), flush=True)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=float))
+    out = write_json(args.out, results)
     print(f"wrote {out}")
 
 

@@ -26,7 +26,6 @@ Run: ``uv run python analyses/predict_combinations.py --data ../shared/data/pert
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -44,6 +43,7 @@ from lcd_bayes.analysis.baselines import BASELINES, predict_baseline
 from lcd_bayes.analysis.evaluation import evaluate, write_evaluation
 from lcd_bayes.analysis.predict import predict
 from lcd_bayes.analysis.splits import combination_splits, split_anndata
+from lcd_bayes.files import write_json
 from lcd_bayes.io.run_folder import load_run
 from lcd_bayes.run import fit
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate
@@ -160,9 +160,7 @@ def main(args):
         results[f"simulated_{drift}"] = simulated(args, root, drift)
     if args.data:
         results["norman19"] = norman(args, root)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), **results}, indent=1, default=float))
+    out = write_json(args.out, {"settings": vars(args), **results})
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -38,6 +38,7 @@ import numpy as np
 from lcd_bayes.analysis.clipr import clipr_run
 from lcd_bayes.analysis.recovery import clipr_scores
 from lcd_bayes.config import load_config
+from lcd_bayes.files import write_json
 from lcd_bayes.run import fit
 from lcd_bayes.sim.graphs import effect_matrix
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
@@ -151,9 +152,7 @@ def main(args):
     if len(args.seed) > 1:
         for row in means:
             print("mean over seeds:", json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    out = write_json(args.out, rows)
     plot(means, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

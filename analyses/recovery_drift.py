@@ -15,11 +15,11 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI: BLAS threads fight XLA's
 
 from lcd_bayes.analysis.recovery import recovery_against_truth
+from lcd_bayes.files import write_json
 from lcd_bayes.run import fit
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
@@ -39,9 +39,7 @@ def main(args):
                              "converged": bool(run.fit.converged),
                              "seconds": time.perf_counter() - start, **scores})
                 print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    out = write_json(args.out, rows)
     print(f"wrote {out}")
 
 

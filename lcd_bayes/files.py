@@ -8,6 +8,7 @@ whether a folder can be written at all.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -49,6 +50,15 @@ def write_text(path: str | Path, text: str) -> None:
     """``Path.write_text``, atomically (UTF-8)."""
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data) -> Path:
+    """``data`` as indented JSON at ``path``, its folder made if missing, atomically (numpy
+    numbers as numbers); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(data, indent=1, default=float))
+    return path
 
 
 def _sync_folder(folder: Path) -> None:
