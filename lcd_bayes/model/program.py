@@ -463,7 +463,7 @@ class ConditionalProposal(NamedTuple):
     Sigma P^(1/2)`` (``|N| = |C|``): a sum of squares, never a difference of large numbers.
     """
 
-    state_mean: jax.Array  # (cells, genes) mu_q of each cell's condition
+    state_mean: jax.Array  # (cells, genes) mu_q of each cell's condition (``moved``: per particle, minus its move)
     whitened_mean: jax.Array  # (cells, genes) K P r_i
     factor: jax.Array  # (genes, genes) K, or per cell (cells, genes, genes) for per-condition laws
     pseudo_location: jax.Array  # (cells, genes) m_i
