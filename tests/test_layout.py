@@ -14,8 +14,9 @@ ALLOWED = {
     "analysis": {"inference", "model", "dynamics", "io", "config"},
     "pl": {"analysis", "inference", "model", "dynamics", "io", "config"},
     "run": {"pl", "analysis", "sim", "inference", "model", "dynamics", "io", "config"},
-    "api": {"run", "pl", "analysis", "sim", "inference", "model", "dynamics", "io", "config"},
-    "cli": {"api", "run", "pl", "analysis", "sim", "inference", "model", "dynamics", "io", "config"},
+    "calibration": {"run", "pl", "analysis", "sim", "inference", "model", "dynamics", "io", "config"},
+    "api": {"calibration", "run", "pl", "analysis", "sim", "inference", "model", "dynamics", "io", "config"},
+    "cli": {"api", "calibration", "run", "pl", "analysis", "sim", "inference", "model", "dynamics", "io", "config"},
 }
 
 
