@@ -195,6 +195,9 @@ def test_fit_stops_once_the_annealed_posterior_stops_moving():
 
 
 # zip and poisson each compile a fit of their own (~8 s): slow tier; gaussian stays in the fast one.
+# 40 steps are far from converged: some draws may sit at the stability limit (4% of a Poisson fit's
+# did), which the fit rightly warns about; that warning is not what this test is about.
+@pytest.mark.filterwarnings("ignore:.*posterior drift draws sat at the stability limit:lcd_bayes.diagnostics.LcdBayesWarning")
 @pytest.mark.parametrize("likelihood", [pytest.param("zip", marks=pytest.mark.slow),
                                         pytest.param("poisson", marks=pytest.mark.slow), "gaussian"])
 def test_every_likelihood_fits(likelihood):
