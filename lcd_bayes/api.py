@@ -21,13 +21,15 @@ import xarray as xr
 
 from .analysis.clipr import clipr_posterior, summary_at, summary_to_table
 from .calibration import calibration_check, write_calibration
+from .analysis.interactions import interactions as interaction_types
 from .analysis.predict import DEFAULT_CELL_DRAWS, predict_posterior
 from .config import RunConfig
 from .analysis.evaluation import evaluate
 from .analysis.ppc import GROUP as PPC_GROUP
 from .analysis.ppc import ppc_table
 from .files import atomic_write
-from .io.run_folder import data_record, load_datatree, load_run, save_datatree, start_run_folder, write_run
+from .io.run_folder import data_record, load_datatree, load_run, read_h5ad, save_datatree, start_run_folder, write_run
+from .pl import save_interactions
 from .run import fit as fit_to_folder
 from .run import write_ppc
 from .sim.linear import simulate
@@ -129,6 +131,25 @@ class Run:
                                   progress=progress)
         if self.folder is not None:
             write_calibration(self.folder, table)
+        return table
+
+    def interactions(self, doubles=None, *, observed: anndata.AnnData | str | Path | None = None,
+                     seed: int = 0) -> pd.DataFrame:
+        """Each double's genetic-interaction type with its posterior probability
+        (``lcd_bayes.analysis.interactions``: Norman et al. 2019's decomposition of the double's
+        shift on its singles'): one row per double of ``doubles`` (``"A+B,C+D"`` or a list; None:
+        every double in training), with each score's mean and 90% interval, ``prob_<type>`` for
+        additive, synergistic, buffering, epistatic and neomorphic, the most probable ``type`` and
+        the ``dominant`` single of an epistatic double. ``observed`` (AnnData or .h5ad path with the
+        double's, its singles' and control cells) adds the observed decomposition. A run folder gets
+        ``interactions.csv`` and ``interactions.png``."""
+        if isinstance(observed, (str, Path)):
+            observed = read_h5ad(observed)
+        table = interaction_types(self.posterior, self.config, self.record, doubles, observed=observed, seed=seed)
+        if self.folder is not None:
+            with atomic_write(self.folder / "interactions.csv") as tmp:
+                table.to_csv(tmp, index=False)
+            save_interactions(table, self.folder / "interactions.png")
         return table
 
     def save(self, folder: str | Path) -> Path:

@@ -246,6 +246,37 @@ def _calibrate(args):
     print(f"wrote {Path(args.run) / 'calibration.csv'}")
 
 
+def _add_interactions(sub):
+    p = sub.add_parser(
+        "interactions", help="genetic-interaction types of doubles (additive, synergistic, buffering, epistatic, "
+                             "neomorphic), each with its posterior probability",
+        description="Decompose each double's predicted shift on its singles' (Norman et al. 2019) in every "
+                    "posterior draw and report how probable each interaction type is. Writes "
+                    "RUN/interactions.csv and RUN/interactions.png. Only the nonlinear drift can predict "
+                    "non-additive doubles.",
+        epilog='example: lcd-bayes interactions runs/screen --doubles "A+B,C+D" --data screen.h5ad',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run", help="run folder written by `lcd-bayes fit`")
+    p.add_argument("--doubles", default=None,
+                   help='doubles, comma-separated: "A+B,C+D" (default: every double in training)')
+    p.add_argument("--data", default=None,
+                   help=".h5ad with the doubles', their singles' and control cells: adds the observed types")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_interactions)
+
+
+def _interactions(args):
+    _check_run(args.run)
+    from .analysis.interactions import format_interactions
+    from .api import load
+
+    table = load(args.run).interactions(args.doubles, observed=args.data, seed=args.seed)
+    print(format_interactions(table))
+    for name in ("interactions.csv", "interactions.png"):
+        print(f"wrote {Path(args.run) / name}")
+
+
 def _add_report(sub):
     p = sub.add_parser(
         "report", help="figures of a run: ELBO trace, edge heatmap, forest plot, network",
@@ -460,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: lcd-bayes demo",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_fit, _add_clipr, _add_calibrate, _add_report, _add_predict, _add_baseline, _add_evaluate,
-                _add_demo):
+    for add in (_add_simulate, _add_fit, _add_clipr, _add_calibrate, _add_report, _add_predict, _add_interactions,
+                _add_baseline, _add_evaluate, _add_demo):
         add(sub)
     return parser
 

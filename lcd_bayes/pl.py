@@ -25,6 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
 from .analysis.clipr import load_clipr, summary_at, summary_to_table
+from .analysis.interactions import BUFFERING, SYNERGY
+from .analysis.interactions import TYPES as INTERACTION_TYPES
 from .analysis.ppc import GROUP as PPC_GROUP
 from .analysis.ppc import MIN_TOP_DE_CORRELATION, ppc_table
 from .analysis.predict import trajectory_table
@@ -34,6 +36,8 @@ from .io.run_folder import load_run, require_finished
 MAX_TICK_LABELS = 60  # beyond this many genes, tick labels overlap into a black bar
 POSITIVE, NEGATIVE = "tab:red", "tab:blue"
 FIGSIZE = {"elbo": (7, 4), "network": (7, 7), "ppc": (5, 5), "trajectories": (6, 4)}
+TYPE_COLOURS = {"additive": "0.75", "synergistic": "tab:red", "buffering": "tab:blue", "epistatic": "tab:purple",
+                "neomorphic": "tab:orange"}
 MAX_TRAJECTORIES = 8  # genes drawn per condition by default: more lines than colours blur together
 
 
@@ -318,6 +322,75 @@ def save_trajectories(prediction, path: str | Path) -> Path:
     for condition, ax in zip(conditions, np.atleast_1d(figure.subplots(len(conditions), 1, squeeze=False)[:, 0])):
         plot_trajectories(table, condition=condition, ax=ax)
     figure.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_interaction_types(table: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Each double's posterior probability of each interaction type, as one stacked bar per
+    double; where the table has the observed decomposition, its type is written at the bar's end.
+
+    ``table``: an interaction table (``lcd_bayes.analysis.interactions.interaction_table``)."""
+    ax = _axes(ax, _forest_size(len(table)))
+    rows = np.arange(len(table))[::-1]
+    left = np.zeros(len(table))
+    for kind in INTERACTION_TYPES:
+        width = table[f"prob_{kind}"].fillna(0).to_numpy()
+        ax.barh(rows, width, left=left, color=TYPE_COLOURS[kind], label=kind, height=0.7)
+        left += width
+    if "observed_type" in table:
+        for row, observed in zip(rows, table["observed_type"]):
+            if isinstance(observed, str):
+                ax.text(1.02, row, f"observed: {observed}", va="center", fontsize=8)
+    ax.set_yticks(rows, table["double"])
+    ax.set_xlim(0, 1.45 if "observed_type" in table else 1)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+    ax.set_xlabel("posterior probability of the interaction type")
+    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(INTERACTION_TYPES))
+    return ax
+
+
+def plot_interaction_magnitudes(table: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Each double's magnitude ``sqrt(c_A^2 + c_B^2)`` relative to an additive double's
+    ``sqrt(2)``: posterior mean with its 90% interval, the observed value as a cross where the table
+    has it, and the synergy and buffering thresholds as dashed lines (log scale)."""
+    ax = _axes(ax, _forest_size(len(table)))
+    rows = np.arange(len(table))[::-1]
+    additive = np.sqrt(2.0)
+    mean, low, high = (table[c].to_numpy() / additive for c in ("magnitude", "magnitude_low", "magnitude_high"))
+    ax.hlines(rows, low, high, color="0.3", lw=2)
+    ax.plot(mean, rows, "o", color="0.1", ms=5, label="posterior mean, 90% interval")
+    if "observed_magnitude" in table:
+        ax.plot(table["observed_magnitude"].to_numpy() / additive, rows, "x", color="tab:green", ms=7, mew=2,
+                label="observed")
+    ax.axvline(1.0, color="0.6", lw=1)
+    for threshold, kind in ((SYNERGY, "synergistic"), (BUFFERING, "buffering")):
+        ax.axvline(threshold, color=TYPE_COLOURS[kind], lw=1, ls="--")
+    ax.set_xscale("log")
+    ticks = [0.25, 0.5, BUFFERING, 1.0, SYNERGY, 2.0, 4.0]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    values = np.concatenate([low, high, [BUFFERING, SYNERGY]])
+    values = values[np.isfinite(values) & (values > 0)]
+    ax.set_xlim(values.min() / 1.1, values.max() * 1.1)
+    ax.set_yticks(rows, table["double"])
+    ax.set_xlabel("magnitude / sqrt(2)  (1: additive)")
+    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+    return ax
+
+
+def interactions(table: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """The interaction types of a table from ``Run.interactions`` (``plot_interaction_types``)."""
+    return plot_interaction_types(table, ax=ax)
+
+
+def save_interactions(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write the type probabilities and the magnitudes of every double side by side as a PNG."""
+    figure = Figure(figsize=(13.0, 1.5 + 0.35 * len(table)), layout="constrained")
+    left, right = figure.subplots(1, 2, sharey=True)
+    plot_interaction_types(table, ax=left)
+    plot_interaction_magnitudes(table, ax=right)
+    with atomic_write(path) as tmp:
+        figure.savefig(tmp, dpi=120)
     return Path(path)
 
 

@@ -231,10 +231,7 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         if nonlinear:
             raise DataError("time courses (times=...) are computed for the linear drift only; this run's drift is "
                             "nonlinear. Predict its stationary state (no times), or fit the linear model")
-    names = ["drift", "basal_drift", "shift", "self_decay", "stationary_sd"]
-    names += list(NONLINEAR_PARAMS) if nonlinear else []
-    names += [n for n in ("shift_mean", "shift_sd", "gene_scale", "concentration", "gate", "noise_sd") if n in posterior]
-    draws = {name: jnp.asarray(stacked_draws(posterior[name])) for name in dict.fromkeys(names)}
+    draws = posterior_draws(posterior, model)
     n_samples = draws["drift"].shape[0]
 
     key_shift, key_draws, key_cells = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -243,17 +240,11 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
                                                                             record.get("mean_size_factor_log_sd", 0.0)))
     if model.library == "latent":  # the fitted law of the log library sizes, not the panel totals'
         library = (0.0, float(np.median(stacked_draws(posterior["library_sd"]))))
-    if nonlinear:
-        # One noise key per draw, shared by the summaries and the cells: the same law for both.
-        law_keys = jax.random.split(jax.random.fold_in(key_shift, 1), n_samples)
-        params = _nonlinear_params(draws)
-        means, sds = _nonlinear_moments(params, offsets, law_keys, model=model)
-    else:
-        means = jax.vmap(stationary_means)(draws["drift"], offsets)  # (draws, conditions, genes)
-        if times is not None:
-            # Every (condition, time) becomes one condition of the stationary code below: the law at
-            # time t differs from a stationary one only in its mean (dynamics.transient).
-            means = _trajectory_means(draws["drift"], draws["basal_drift"], means, jnp.asarray(times, means.dtype))
+    means, sds = latent_moments(draws, offsets, key_shift, model)  # (draws, conditions, genes)
+    if times is not None:
+        # Every (condition, time) becomes one condition of the stationary code below: the law at
+        # time t differs from a stationary one only in its mean (dynamics.transient).
+        means = _trajectory_means(draws["drift"], draws["basal_drift"], means, jnp.asarray(times, means.dtype))
         sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
     if summaries and times is None:
         expected = _expected_expression(means, sds, draws, model, library)
@@ -271,7 +262,7 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     if nonlinear:
         values, size_factor, draw_index = _sample_cells(
             key_cells, means, draws, used, model, library, int(n_cells),
-            law=(params, offsets, law_keys))
+            law=(_nonlinear_params(draws), offsets, _law_keys(key_shift, n_samples)))
     else:
         values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells))
     n_times = 1 if times is None else times.size
@@ -297,6 +288,30 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         adata.varm["expected_low"] = low.T
         adata.varm["expected_high"] = high.T
     return adata
+
+
+def posterior_draws(posterior, model) -> dict[str, jax.Array]:
+    """The draws prediction needs, stacked over chains: (draws, ...) per variable."""
+    names = ["drift", "basal_drift", "shift", "self_decay", "stationary_sd"]
+    names += list(NONLINEAR_PARAMS) if model.drift == "nonlinear" else []
+    names += [n for n in ("shift_mean", "shift_sd", "gene_scale", "concentration", "gate", "noise_sd") if n in posterior]
+    return {name: jnp.asarray(stacked_draws(posterior[name])) for name in dict.fromkeys(names)}
+
+
+def _law_keys(key: jax.Array, n_draws: int) -> jax.Array:
+    # One noise key per draw of a nonlinear run, shared by its conditions (their differences then
+    # carry less Monte Carlo noise) and by the summaries and the cells (the same law for both).
+    return jax.random.split(jax.random.fold_in(key, 1), n_draws)
+
+
+def latent_moments(draws: dict, offsets: jax.Array, key: jax.Array, model) -> tuple[jax.Array, jax.Array]:
+    """Stationary latent means and sds, (draws, conditions, genes), of the conditions whose drift
+    offsets are ``offsets`` (``condition_offsets``): closed form for the linear drift, the model's
+    particle solver for the nonlinear one (``key`` seeds its noise)."""
+    if model.drift == "nonlinear":
+        return _nonlinear_moments(_nonlinear_params(draws), offsets, _law_keys(key, offsets.shape[0]), model=model)
+    means = jax.vmap(stationary_means)(draws["drift"], offsets)
+    return means, jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
 
 
 def _expected_expression(means, sds, draws, model, library) -> jax.Array:
