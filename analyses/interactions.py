@@ -41,14 +41,13 @@ from lcd_bayes.files import write_json
 from lcd_bayes.pl import save_interactions
 from lcd_bayes.sim.linear import LIBRARY_SIZE_KEY, simulate, truth_from_uns
 
-CONFIG = "lcd_nonlinear"
 
 
-def fitted(train, folder: Path, steps: int | None, **kwargs) -> lb.Run:
+def fitted(train, folder: Path, args, **kwargs) -> lb.Run:
     """The run in ``folder``, fitted first unless a finished fit is already there."""
     if not (folder / "posterior.nc").exists():
         start = time.perf_counter()
-        lb.fit(train, out=folder, config=CONFIG, progress=False, steps=steps, **kwargs)
+        lb.fit(train, out=folder, config=args.config, progress=False, steps=args.steps, **kwargs)
         print(f"  fit {time.perf_counter() - start:.0f} s", flush=True)
     return lb.load(folder)
 
@@ -83,7 +82,7 @@ def scores(table, mask) -> dict:
 
 
 def simulated(args, root: Path, seed: int) -> dict:
-    adata = simulate(args.genes, n_doubles=args.doubles, cells_per_condition=200, likelihood="nb",
+    adata = simulate(args.genes, n_doubles=args.doubles, cells_per_condition=args.cells, likelihood="nb",
                      drift="nonlinear", seed=seed)
     truth = truth_from_uns(adata)
     truth["genes"] = np.asarray(adata.var_names)
@@ -91,7 +90,7 @@ def simulated(args, root: Path, seed: int) -> dict:
     held_out = set(np.random.default_rng(seed).choice(doubles, len(doubles) // 2, replace=False))
     train = adata[~adata.obs["condition"].isin(held_out)].copy()
     print(f"simulated seed {seed}: {len(doubles)} doubles, {len(held_out)} held out", flush=True)
-    run = fitted(train, root / "runs" / f"simulated_seed{seed}", args.steps, size_factor_key=LIBRARY_SIZE_KEY, seed=seed)
+    run = fitted(train, root / "runs" / f"simulated_seed{seed}", args, size_factor_key=LIBRARY_SIZE_KEY, seed=seed)
     table = run.interactions(doubles, observed=adata, seed=seed)
     truth_columns(table, truth)
     table.to_csv(root / f"simulated_seed{seed}.csv", index=False)
@@ -109,7 +108,7 @@ def norman(args, root: Path) -> dict:
     (split,) = combination_splits(adata.obs["condition"], control="control", n_folds=1, train_double_fraction=1.0)
     train, _ = split_anndata(adata, split, control="control")
     print(f"norman19: test {', '.join(split.test)}", flush=True)
-    run = fitted(train, root / "runs" / "norman19", args.steps, perturbation_key="condition", control="control",
+    run = fitted(train, root / "runs" / "norman19", args, perturbation_key="condition", control="control",
                  total_counts_key="ncounts", n_top_genes=args.norman_genes, predict_targets=list(split.test),
                  seed=0)
     doubles = sorted({q for q in adata.obs["condition"].astype(str) if "+" in q})
@@ -140,6 +139,8 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="simulated screens (none: skip)")
     parser.add_argument("--genes", type=int, default=20)
     parser.add_argument("--doubles", type=int, default=40, help="doubles per simulated screen, half held out")
+    parser.add_argument("--cells", type=int, default=200, help="cells per simulated condition")
+    parser.add_argument("--config", default="lcd_nonlinear", help="model configuration (shipped name or TOML)")
     parser.add_argument("--data", default=None, help="perturbench_devel.h5ad (the Norman 2019 subset)")
     parser.add_argument("--norman-genes", type=int, default=100)
     parser.add_argument("--steps", type=int, default=None, help="SVI steps (default: the configuration's)")

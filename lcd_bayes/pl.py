@@ -1,14 +1,15 @@
 """Figures of a run: ELBO trace, edge-probability heatmap, forest plot, causal network, the
-posterior predictive check, and predicted time courses.
+posterior predictive check, predicted time courses and the interaction types of doubles.
 
 Each figure draws into a matplotlib ``Axes`` and returns it: ``elbo(run, ax=ax)``,
 ``edge_heatmap(run, ax=ax)``, ``forest(run, ax=ax)``, ``network(run, ax=ax)``, ``ppc(run, ax=ax)``
 and ``ppc_correlations(run, ax=ax)`` take a run (``lcd_bayes.Run``, or anything with its
 ``losses``, ``clipr`` and ``ppc``) or a run folder, and draw into a new pyplot figure when ``ax``
 is None. ``trajectories(prediction, ax=ax)`` takes a prediction made with ``times`` (or its
-trajectory table). The ``plot_*`` functions underneath take the arrays themselves. ``report_run``
+trajectory table), ``interactions(table, ax=ax)`` a table from ``Run.interactions`` (or a run folder
+holding ``interactions.csv``). The ``plot_*`` functions underneath take the arrays themselves. ``report_run``
 writes the edge figures of a folder as PNGs, ``save_ppc`` the check's, ``save_trajectories`` the
-time courses', each on its own
+time courses', ``save_interactions`` the interaction types', each on its own
 ``matplotlib.figure.Figure`` (no pyplot state, so any backend, Agg included, works).
 """
 from __future__ import annotations
@@ -378,8 +379,14 @@ def plot_interaction_magnitudes(table: pd.DataFrame, *, ax: Axes | None = None) 
     return ax
 
 
-def interactions(table: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """The interaction types of a table from ``Run.interactions`` (``plot_interaction_types``)."""
+def interactions(table, *, ax: Axes | None = None) -> Axes:
+    """The interaction types (``plot_interaction_types``) of a table from ``Run.interactions``,
+    or of a run folder's ``interactions.csv`` (written by ``lcd-bayes interactions``)."""
+    if isinstance(table, (str, Path)):
+        path = Path(table) / "interactions.csv"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: run `lcd-bayes interactions {table}` first")
+        table = pd.read_csv(path)
     return plot_interaction_types(table, ax=ax)
 
 

@@ -168,3 +168,19 @@ def test_recovery_drift(tmp_path, monkeypatch):
     (row,) = json.loads((tmp_path / "out.json").read_text())
     assert row["genes"] == 8 and row["likelihood"] == "gaussian" and row["steps"] > 0
     assert finite(row["auroc"], row["seconds"]) and 0 <= row["auroc"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(AT_STABILITY_LIMIT)
+def test_interactions(tmp_path, monkeypatch):
+    config = tmp_path / "tiny_nonlinear.toml"
+    config.write_text(TINY_CONFIG.format(refine="none").replace("[model]\n", '[model]\ndrift = "nonlinear"\n'
+                                                                 "sim_particles = 8\n"))
+    run_script("interactions", "--seeds", "0", "--genes", "6", "--doubles", "6", "--cells", "30", "--config",
+               str(config), "--out", "results/gi.json", cwd=tmp_path, monkeypatch=monkeypatch)
+    results = json.loads((tmp_path / "results" / "gi.json").read_text())
+    held_out = results["simulated"]["seed0"]["held_out"]
+    assert held_out["n_doubles"] == 3 and 0 <= held_out["coverage90_magnitude"] <= 1
+    assert sum(held_out["truth_types"].values()) == 3
+    assert (tmp_path / "results" / "gi" / "simulated_seed0.csv").exists()
+    assert (tmp_path / "results" / "gi" / "simulated_seed0.png").stat().st_size > 0

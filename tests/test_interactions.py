@@ -2,6 +2,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
 import lcd_bayes as lb
@@ -119,6 +120,13 @@ def test_a_linear_run_calls_its_doubles_additive(linear_run, screen_with_doubles
     written = pd.read_csv(linear_run / "interactions.csv")
     assert list(written["double"]) == list(table["double"])
     assert (linear_run / "interactions.png").stat().st_size > 0
+    ax = Figure().subplots()
+    assert lb.pl.interactions(linear_run, ax=ax) is ax and len(ax.patches) == len(TYPES) * len(table)
+
+
+def test_plotting_a_folder_without_a_table_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lcd-bayes interactions"):
+        lb.pl.interactions(tmp_path)
 
 
 def test_too_few_responding_genes_leave_the_type_undefined(tiny_run):
