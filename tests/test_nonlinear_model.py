@@ -186,3 +186,31 @@ def test_the_fit_checks_that_its_chain_reached_stationarity(nonlinear_run):
     stiff = ModelConfig(drift="nonlinear", sim_dt=0.2, sim_burn_in=20, sim_steps=40, sim_thin=10)
     report = check_fitted_stationarity(draws, design, stiff)
     assert not report and "diverged" in report.message and "decrease dt" in report.message
+
+
+@pytest.mark.slow
+def test_interaction_types_of_the_nonlinear_run(nonlinear_run):
+    """Each draw's double is decomposed on its singles from the draw's own simulated laws (z-scored
+    on the control's sd): the nonlinear drift's doubles are not additive by construction."""
+    from lcd_bayes.analysis.interactions import TYPES, decompose, interaction_scores, interaction_table
+    from lcd_bayes.analysis.predict import _law_keys
+
+    tree, config, record = load_run(nonlinear_run)
+    pairs, scores, keep = interaction_scores(tree, config, record, "G0+G1,G2+G3", seed=3)
+    table = interaction_table(pairs, scores, record)
+    assert list(table["n_draws"]) == [12, 12]
+    np.testing.assert_allclose(table[[f"prob_{t}" for t in TYPES]].sum(axis=1), 1.0)
+    assert np.all(table["magnitude_high"] > table["magnitude_low"])  # the draws disagree: not the linear identity
+    # Draw 0 by hand: its laws of ctrl, the four singles and the two doubles, in the order requested.
+    draws = {name: jnp.asarray(stacked_draws(tree["posterior"][name]))[:1] for name in PARAM_NAMES}
+    params = jax.tree_util.tree_map(lambda a: a[0], _nonlinear_params(draws))
+    shift = stacked_draws(tree["posterior"]["shift"])[0]
+    offsets = draws["basal_drift"][0] + jnp.stack([jnp.zeros(5), shift[0], shift[1], shift[2], shift[3],
+                                                    shift[0] + shift[1], shift[2] + shift[3]])
+    key = _law_keys(jax.random.PRNGKey(3), 12)[0]
+    law = _nonlinear_law(params, offsets, key, config.model)
+    sd = jnp.sqrt(jnp.diagonal(law.covariances[0]))
+    z = (law.means - law.means[0]) / sd
+    by_hand = decompose(z[jnp.array([1, 3])], z[jnp.array([2, 4])], z[jnp.array([5, 6])], keep)
+    np.testing.assert_allclose(scores["magnitude"][0], by_hand["magnitude"], rtol=1e-3)
+    np.testing.assert_allclose(scores["fit"][0], by_hand["fit"], rtol=1e-3)
