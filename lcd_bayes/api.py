@@ -115,8 +115,8 @@ class Run:
         """Predicted cells of each condition in ``perturbations`` (``"A+B,C"`` or a list of
         labels: combinations of trained labels, or single perturbations of modelled genes), with
         per-gene expected expression and its 90% interval in ``varm``
-        (``lcd_bayes.analysis.predict.predict_posterior``). ``times`` (``"0.1,1,5"`` or numbers,
-        linear drift): cells at those times after the perturbation switches on in control cells
+        (``lcd_bayes.analysis.predict.predict_posterior``). ``times`` (``"0.1,1,5"`` or
+        numbers): cells at those times after the perturbation switches on in control cells
         (``obs["time"]``), and the mean trajectory's table in ``uns["lcd_bayes"]["trajectories"]``."""
         name = str(self.folder.resolve()) if self.folder is not None else "in memory"
         return predict_posterior(self.posterior, self.config, self.record, perturbations, n_cells=n_cells,
@@ -138,7 +138,7 @@ class Run:
         """Each double's genetic-interaction type with its posterior probability
         (``lcd_bayes.analysis.interactions``: Norman et al. 2019's decomposition of the double's
         shift on its singles'): one row per double of ``doubles`` (``"A+B,C+D"`` or a list; None:
-        every double in training), with each score's mean and 90% interval, ``prob_<type>`` for
+        every double in training), with each score's posterior median and 90% interval, ``prob_<type>`` for
         additive, synergistic, buffering, epistatic and neomorphic, the most probable ``type`` and
         the ``dominant`` single of an epistatic double. ``observed`` (AnnData or .h5ad path with the
         double's, its singles' and control cells) adds the observed decomposition. A run folder gets

@@ -352,14 +352,14 @@ def plot_interaction_types(table: pd.DataFrame, *, ax: Axes | None = None) -> Ax
 
 def plot_interaction_magnitudes(table: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """Each double's magnitude ``sqrt(c_A^2 + c_B^2)`` relative to an additive double's
-    ``sqrt(2)``: posterior mean with its 90% interval, the observed value as a cross where the table
+    ``sqrt(2)``: posterior median with its 90% interval, the observed value as a cross where the table
     has it, and the synergy and buffering thresholds as dashed lines (log scale)."""
     ax = _axes(ax, _forest_size(len(table)))
     rows = np.arange(len(table))[::-1]
     additive = np.sqrt(2.0)
-    mean, low, high = (table[c].to_numpy() / additive for c in ("magnitude", "magnitude_low", "magnitude_high"))
+    median, low, high = (table[c].to_numpy() / additive for c in ("magnitude", "magnitude_low", "magnitude_high"))
     ax.hlines(rows, low, high, color="0.3", lw=2)
-    ax.plot(mean, rows, "o", color="0.1", ms=5, label="posterior mean, 90% interval")
+    ax.plot(median, rows, "o", color="0.1", ms=5, label="posterior median, 90% interval")
     if "observed_magnitude" in table:
         ax.plot(table["observed_magnitude"].to_numpy() / additive, rows, "x", color="tab:green", ms=7, mew=2,
                 label="observed")
