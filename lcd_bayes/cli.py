@@ -311,7 +311,7 @@ def _add_predict(sub):
     p.add_argument("--draws", type=int, default=100, help="posterior draws the cells cycle over")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--times", default=None, metavar="0.1,0.5,1,5",
-                   help="time course (linear drift): cells at these times (model units, >= 0) after the "
+                   help="time course: cells at these times (model units, >= 0) after the "
                         "perturbation switches on in control cells, and the mean trajectory with 90%% "
                         "intervals in OUT_trajectories.csv and OUT_trajectories.png")
     p.add_argument("--out", default=None, help="output .h5ad (default: RUN/predictions.h5ad)")

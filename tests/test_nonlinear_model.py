@@ -214,3 +214,28 @@ def test_interaction_types_of_the_nonlinear_run(nonlinear_run):
     by_hand = decompose(z[jnp.array([1, 3])], z[jnp.array([2, 4])], z[jnp.array([5, 6])], keep)
     np.testing.assert_allclose(scores["magnitude"][0], by_hand["magnitude"], rtol=1e-3)
     np.testing.assert_allclose(scores["fit"][0], by_hand["fit"], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_time_courses_of_the_nonlinear_run(nonlinear_run):
+    """Particles from the control's law, run forward under the shift: the trajectory starts at the
+    control's stationary law and ends at the condition's (each draw's own laws), cells at every time."""
+    from lcd_bayes.analysis.predict import (_expected_trajectories, condition_offsets, latent_moments,
+                                            parse_request, posterior_draws)
+
+    adata = predict(nonlinear_run, "G0+G1", n_cells=10, n_draws=4, seed=2, times=[0.0, 20.0])
+    assert adata.shape == (20, 5) and np.all(np.isfinite(adata.X))
+    assert sorted(set(adata.obs["time"])) == [0.0, 20.0]
+    assert set(adata.uns["lcd_bayes"]["trajectories"]["time"]) == {0.0, 20.0}
+
+    tree, config, record = load_run(nonlinear_run)
+    draws = posterior_draws(tree["posterior"], config.model)
+    request = parse_request(["ctrl", "G0+G1"], record, has_target_law=False)
+    key = jax.random.PRNGKey(2)
+    # Gaussian run: the expected expression is the latent mean. Rows: ctrl at 0 and 20, G0+G1 at 0 and 20.
+    course = np.asarray(_expected_trajectories(draws, request, key, np.array([0.0, 20.0]), config.model, (0.0, 0.0)))
+    means, sds = latent_moments(draws, condition_offsets(draws, request, key), key, config.model)
+    stationary, tolerance = np.asarray(means).mean(0), 0.15 * float(np.asarray(sds).max())
+    for row, law in ((0, 0), (1, 0), (2, 0), (3, 1)):
+        np.testing.assert_allclose(course[:, row].mean(0), stationary[law], atol=tolerance)
+    assert np.abs(stationary[1] - stationary[0]).max() > 4 * tolerance  # the double moves the cells

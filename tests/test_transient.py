@@ -172,3 +172,32 @@ def test_fitted_trajectory_intervals_hold_the_simulated_time_course(tmp_path):
                        ).mean(axis=0) for t in times])
         inside = (rows["q05"].to_numpy() <= simulated) & (simulated <= rows["q95"].to_numpy())
         assert inside.mean() >= 0.8, (condition, inside.mean())
+
+
+def test_particles_run_forward_follow_the_closed_form_for_a_linear_drift():
+    """Particles from the control's law under a linear drift: their mean relaxes as exp(A t) and
+    their covariance stays the stationary one (up to Monte Carlo and O(dt) error)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lcd_bayes.dynamics.stationary import stationary_law
+    from lcd_bayes.dynamics.transient import relaxing_means, relaxing_particles
+
+    rng = np.random.default_rng(0)
+    drift = jnp.asarray(-np.eye(3) + 0.3 * rng.normal(size=(3, 3)) * (1 - np.eye(3)), jnp.float32)
+    basal = jnp.asarray([0.5, -0.2, 0.1], jnp.float32)
+    shifts = jnp.asarray([[1.0, 0.0, 0.0], [0.0, -1.5, 0.5]], jnp.float32)
+    dt, n = 0.005, 4000
+    covariance = stationary_law(drift, dt=dt, sigma=1.0, n_doublings=16, scheme="euler").covariance
+    start_mean = -jnp.linalg.solve(drift, basal)
+    start = start_mean + jax.random.normal(jax.random.PRNGKey(0), (n, 3)) @ jnp.linalg.cholesky(covariance).T
+    times = np.array([0.5, 0.0, 2.0])  # any order
+    means, covariances = relaxing_particles(lambda p, x, c: p @ x + basal + c, drift, start, shifts, times,
+                                            jax.random.PRNGKey(1), dt=dt, sigma=1.0)
+    assert means.shape == (2, 3, 3) and covariances.shape == (2, 3, 3, 3)
+    targets = -jnp.linalg.solve(drift, (basal + shifts).T).T
+    expected = np.swapaxes(np.asarray(relaxing_means(drift, start.mean(0), targets, jnp.asarray(times))), 0, 1)
+    sd = np.sqrt(np.diag(np.asarray(covariance)))
+    np.testing.assert_allclose(means[:, 1], np.broadcast_to(start.mean(0), (2, 3)), atol=1e-5)  # t = 0: the start
+    assert np.all(np.abs(np.asarray(means) - expected) < 0.1 * sd)
+    np.testing.assert_allclose(np.asarray(covariances[:, 2]), np.broadcast_to(covariance, (2, 3, 3)), atol=0.15 * sd.max() ** 2)

@@ -24,11 +24,14 @@ and a predicted cell is ``x ~ N(mu_sq, Sigma_sq)`` with a covariance per conditi
 Per-gene expected expression, ``E[y_g] = E[s] u_g E[link(x_g)]`` (Gauss-Hermite over
 ``x_g ~ N(mu_g, Sigma_gg)``), is summarized over all draws: posterior mean and a 90% interval.
 
-Time courses (``times``, linear drift): cells at the control's stationary law when the condition's
-shift switches on at ``t = 0`` are ``N(m_sq(t), Sigma_s)`` at time ``t``, with
-``m_sq(t) = mu_sq + exp(A_s t) (mu_s0 - mu_sq)`` (``dynamics.transient``). Each (condition, time)
-is then predicted exactly as a stationary condition with that mean, and the expected expression's
-5/50/95% posterior quantiles per (condition, time, gene) form the trajectory table.
+Time courses (``times``): cells at the control's stationary law when the condition's shift
+switches on at ``t = 0`` are ``N(m_sq(t), Sigma_s)`` at time ``t`` for the linear drift, with
+``m_sq(t) = mu_sq + exp(A_s t) (mu_s0 - mu_sq)`` (``dynamics.transient``). For the nonlinear drift
+``PREDICT_PARTICLES`` particles drawn from each draw's control law run forward under the shift
+(Euler–Maruyama, the fit's ``sim_dt``), and their mean and (shrunk) covariance at time ``t`` make
+the law. Each (condition, time) is then predicted as a stationary condition with that law, and
+the expected expression's 5/50/95% posterior quantiles per (condition, time, gene) form the
+trajectory table.
 """
 from __future__ import annotations
 
@@ -47,9 +50,9 @@ import pandas as pd
 
 from ..diagnostics import DataError
 from ..dynamics.nonlinear import PARAM_NAMES as NONLINEAR_PARAMS
-from ..dynamics.nonlinear import from_posterior, stationary_law_nonlinear
+from ..dynamics.nonlinear import from_posterior, nonlinear_drift, shrink_toward, stationary_law_nonlinear
 from ..dynamics.stationary import stationary_law, stationary_means
-from ..dynamics.transient import relaxing_means
+from ..dynamics.transient import relaxing_means, relaxing_particles
 from ..inference.posterior import stacked_draws
 from ..io.expression import canonical_label, label_parts, prediction_anndata
 from ..io.run_folder import load_run
@@ -203,8 +206,8 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         table), whose Gauss-Hermite nodes take draws x conditions x genes x 32 floats: cells alone
         for many conditions.
     times : None (the stationary state), or times after the condition's shift switches on in cells
-        at the control's stationary state (``"0.1,1,5"`` or numbers >= 0, model time units; linear
-        drift only): ``n_cells`` cells per condition and time.
+        at the control's stationary state (``"0.1,1,5"`` or numbers >= 0, model time units; a
+        nonlinear run's times are rounded to its ``sim_dt``): ``n_cells`` cells per condition and time.
 
     Returns
     -------
@@ -228,9 +231,6 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     nonlinear = model.drift == "nonlinear"
     if times is not None:
         times = parse_times(times)
-        if nonlinear:
-            raise DataError("time courses (times=...) are computed for the linear drift only; this run's drift is "
-                            "nonlinear. Predict its stationary state (no times), or fit the linear model")
     draws = posterior_draws(posterior, model)
     n_samples = draws["drift"].shape[0]
 
@@ -240,10 +240,17 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
                                                                             record.get("mean_size_factor_log_sd", 0.0)))
     if model.library == "latent":  # the fitted law of the log library sizes, not the panel totals'
         library = (0.0, float(np.median(stacked_draws(posterior["library_sd"]))))
-    means, sds = latent_moments(draws, offsets, key_shift, model)  # (draws, conditions, genes)
-    if times is not None:
-        # Every (condition, time) becomes one condition of the stationary code below: the law at
-        # time t differs from a stationary one only in its mean (dynamics.transient).
+    # Every (condition, time) of a time course becomes one condition of the stationary code below.
+    trils = None
+    if times is None:
+        means, sds = latent_moments(draws, offsets, key_shift, model)  # (draws, conditions, genes)
+    elif nonlinear:
+        means, covariances = _nonlinear_trajectories(_nonlinear_params(draws), offsets, draws["basal_drift"],
+                                                     _law_keys(key_shift, n_samples), tuple(times), model=model)
+        sds, trils = jnp.sqrt(jnp.diagonal(covariances, axis1=-2, axis2=-1)), jnp.linalg.cholesky(covariances)
+    else:
+        # The linear law at time t differs from a stationary one only in its mean (dynamics.transient).
+        means, sds = latent_moments(draws, offsets, key_shift, model)
         means = _trajectory_means(draws["drift"], draws["basal_drift"], means, jnp.asarray(times, means.dtype))
         sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
     if summaries and times is None:
@@ -259,7 +266,10 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         table = _trajectory_summary(np.asarray(expected), request.conditions, times, record["genes"])
 
     used = np.asarray(jax.random.choice(key_draws, n_samples, (min(int(n_draws), n_samples),), replace=False))
-    if nonlinear:
+    if trils is not None:
+        values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells),
+                                                        trils=trils)
+    elif nonlinear:
         values, size_factor, draw_index = _sample_cells(
             key_cells, means, draws, used, model, library, int(n_cells),
             law=(_nonlinear_params(draws), offsets, _law_keys(key_shift, n_samples)))
@@ -337,11 +347,40 @@ def _trajectory_means(drifts, basal, means, times):
 
 
 def _expected_trajectories(draws, request: Request, key, times: np.ndarray, model, library) -> jax.Array:
-    """``E[y_g]`` (draws, conditions x times, genes) along the time course of a linear run's draws."""
-    means = jax.vmap(stationary_means)(draws["drift"], condition_offsets(draws, request, key))
+    """``E[y_g]`` (draws, conditions x times, genes) along the time course of a run's draws."""
+    offsets = condition_offsets(draws, request, key)
+    if model.drift == "nonlinear":
+        means, covariances = _nonlinear_trajectories(_nonlinear_params(draws), offsets, draws["basal_drift"],
+                                                     _law_keys(key, offsets.shape[0]), tuple(times), model=model)
+        return _expected_expression(means, jnp.sqrt(jnp.diagonal(covariances, axis1=-2, axis2=-1)), draws, model,
+                                    library)
+    means = jax.vmap(stationary_means)(draws["drift"], offsets)
     means = _trajectory_means(draws["drift"], draws["basal_drift"], means, jnp.asarray(times, means.dtype))
     sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
     return _expected_expression(means, sds, draws, model, library)
+
+
+@functools.partial(jax.jit, static_argnames=("times", "model"))
+def _nonlinear_trajectories(params, offsets, basal, keys, times: tuple, *, model):
+    """Means (draws, conditions x times, genes), conditions outer, and covariances of a nonlinear
+    run's cells at each time after the switch: ``PREDICT_PARTICLES`` particles drawn from the
+    draw's control law, run forward under each condition's shift (``dynamics.transient``), their
+    covariance shrunk toward the control's as the stationary law's is toward its LNA."""
+    settings = model.simulation_settings(PREDICT_PARTICLES)
+
+    def one_draw(args):
+        draw_params, offset, control_offset, key = args
+        control = _nonlinear_law(draw_params, control_offset[None], key, model)
+        start_key, run_key = jax.random.split(jax.random.fold_in(key, 2))
+        eps = jax.random.normal(start_key, (PREDICT_PARTICLES, offset.shape[-1]), offset.dtype)
+        start = control.means[0] + eps @ jnp.linalg.cholesky(control.covariances[0]).T
+        means, covariances = relaxing_particles(nonlinear_drift, draw_params, start, offset, np.asarray(times), run_key,
+                                                dt=settings.dt, sigma=settings.sigma)
+        d = offset.shape[-1]
+        shrink = jax.vmap(lambda c: shrink_toward(c, control.covariances[0], PREDICT_PARTICLES, PREDICT_PARTICLES)[0])
+        return means.reshape(-1, d), shrink(covariances.reshape(-1, d, d))
+
+    return jax.lax.map(one_draw, (params, offsets, basal, keys), batch_size=4)
 
 
 def _trajectory_summary(expected: np.ndarray, conditions, times: np.ndarray, genes) -> pd.DataFrame:
@@ -391,16 +430,22 @@ def _nonlinear_moments(params, offsets, keys, *, model):
     return jax.lax.map(one_draw, (params, offsets, keys), batch_size=4)
 
 
-def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int, law=None):
+def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int, law=None, trils=None):
     """Cells per condition cycling over the ``used`` draws; returns values, size factors, draws.
     ``law``: for a nonlinear run, (params, offsets, keys) of every draw, to re-solve the used
-    draws' per-condition covariances (identical keys: identical laws)."""
+    draws' per-condition covariances (identical keys: identical laws); ``trils``: instead, the
+    Cholesky factors (draws, conditions, genes, genes) of every draw's per-condition covariance."""
     per_draw = -(-n_cells // used.size)  # ceil: cells each used draw contributes per condition
     noise_name = {"nb": "concentration", "zip": "gate", "gaussian": "noise_sd"}.get(model.likelihood)
     n_genes = means.shape[-1]
     noise = draws[noise_name][used] if noise_name else jnp.zeros((used.size, n_genes))
     scale = draws["gene_scale"][used] if "gene_scale" in draws else jnp.ones((used.size, n_genes))
-    if law is None:
+    if trils is not None:
+        values, size_factor = _cells_of_factors(
+            jax.random.split(key, used.size), means[used], trils[used], scale, noise,
+            jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
+        )
+    elif law is None:
         values, size_factor = _cells_of_draws(
             jax.random.split(key, used.size), means[used], draws["drift"][used], scale, noise,
             jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
@@ -444,6 +489,17 @@ def _nonlinear_cells_of_draws(keys, params, offsets, law_keys, scales, noises, l
         return _cells_of_law(draw_key, law.means, tril, scale, noise, library, model, per_draw)
 
     return jax.lax.map(one_draw, (params, offsets, law_keys, scales, noises, keys), batch_size=4)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "per_draw"))
+def _cells_of_factors(keys, means, trils, scales, noises, library, *, model, per_draw: int):
+    """As ``_cells_of_draws`` with each draw's per-condition covariance factors given."""
+
+    def one_draw(args):
+        mean, tril, scale, noise, draw_key = args
+        return _cells_of_law(draw_key, mean, tril, scale, noise, library, model, per_draw)
+
+    return jax.lax.map(one_draw, (means, trils, scales, noises, keys), batch_size=16)
 
 
 def _cells_of_law(draw_key, mean, tril, scale, noise, library, model, per_draw: int):
