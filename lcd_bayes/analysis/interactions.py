@@ -267,14 +267,14 @@ _OBSERVED_COLUMNS = ["n_observed_cells", *(f"observed_{name}" for name in SCORES
 
 def format_interactions(table: pd.DataFrame) -> str:
     """A short text table: each double's most probable type, its probability, and the magnitude."""
-    lines = [f"{'double':<24} {'type':<12} {'prob':>5}  {'magnitude (90%)':<20} observed"]
+    lines = [f"{'double':<24} {'type':<30} {'prob':>5}  {'magnitude (90%)':<20} observed"]
     for _, row in table.iterrows():
         kind = row["type"] or "undefined"
         prob = row[f"prob_{kind}"] if row["type"] else float("nan")
         if kind == "epistatic" and row["dominant"]:
             kind = f"epistatic ({row['dominant']} dominant)"
         observed = row.get("observed_type") if isinstance(row.get("observed_type"), str) else "-"
-        lines.append(f"{row['double']:<24} {kind:<12} {prob:5.2f}  "
+        lines.append(f"{row['double']:<24} {kind:<30} {prob:5.2f}  "
                      f"{row['magnitude']:.2f} [{row['magnitude_low']:.2f}, {row['magnitude_high']:.2f}]   {observed}")
     if table.attrs.get("drift") == "linear":
         lines.append("note: with the linear drift every double's latent shift is the sum of its singles', so "
