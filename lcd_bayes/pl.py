@@ -370,7 +370,8 @@ def plot_interaction_magnitudes(table: pd.DataFrame, *, ax: Axes | None = None) 
     ticks = [0.25, 0.5, BUFFERING, 1.0, SYNERGY, 2.0, 4.0]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
-    values = np.concatenate([low, high, [BUFFERING, SYNERGY]])
+    observed = table["observed_magnitude"].to_numpy() / additive if "observed_magnitude" in table else []
+    values = np.concatenate([low, high, observed, [BUFFERING, SYNERGY]]).astype(float)
     values = values[np.isfinite(values) & (values > 0)]
     ax.set_xlim(values.min() / 1.1, values.max() * 1.1)
     ax.set_yticks(rows, table["double"])

@@ -155,3 +155,13 @@ def test_requests_that_are_not_doubles_are_refused():
     with pytest.raises(DataError, match="no doubles"):
         _doubles(" , ", record)
     assert _doubles("B+A,A+B", record) == [("B+A", "A", "B")]
+
+
+def test_the_magnitude_panel_shows_every_observed_value():
+    from lcd_bayes.pl import plot_interaction_magnitudes
+
+    table = pd.DataFrame({"double": ["A+B", "C+D"], "magnitude": [1.4, 1.5], "magnitude_low": [1.3, 1.35],
+                          "magnitude_high": [1.5, 1.6], "observed_magnitude": [0.6, np.nan]})
+    ax = plot_interaction_magnitudes(table, ax=Figure().subplots())
+    low, high = ax.get_xlim()
+    assert low < 0.6 / np.sqrt(2) and high > 1.6 / np.sqrt(2)
