@@ -175,28 +175,31 @@ def observed_scores(adata: anndata.AnnData, record: dict, pairs, keep: np.ndarra
         raise DataError(f"the observed data have no control cells ({key!r} == {control!r}): the shifts are "
                         "measured from them")
     values = _observed_values(adata, record, layer=layer, total_counts_key=total_counts_key)
+    # Every label's mean in one pass, z-scored against the control cells.
+    present, index, n_cells = np.unique(labels, return_inverse=True, return_counts=True)
+    sums = np.zeros((present.size, values.shape[1]))
+    np.add.at(sums, index, values)
+    means = sums / n_cells[:, None]
     reference = values[labels == control]
-    centre, scale = reference.mean(0, dtype=np.float64), reference.std(0, dtype=np.float64)
+    scale = reference.std(0, dtype=np.float64)
     scale = np.where(scale > 0, scale, np.nan)  # a gene constant in the control cells has no z-score
-
-    def shift(label):
-        cells = labels == label
-        return (values[cells].mean(0, dtype=np.float64) - centre) / scale if cells.any() else None
-
-    rows = []
-    for (label, first, second), kept in zip(pairs, keep):
-        shifts = [shift(first), shift(second), shift(canonical_label(label, control, sep))]
-        n_cells = int((labels == canonical_label(label, control, sep)).sum())
-        if any(s is None for s in shifts):
-            rows.append({"n_observed_cells": n_cells})
-            continue
-        usable = kept & np.all(np.isfinite(shifts), axis=0)
-        scores = {k: float(v) for k, v in decompose(*(np.nan_to_num(s) for s in shifts), usable).items()}
-        kind, dominant = classify(scores)
-        rows.append({"n_observed_cells": n_cells, **{f"observed_{k}": v for k, v in scores.items()},
-                     "observed_type": TYPES[int(kind)] if kind >= 0 else None,
-                     "observed_dominant": (first, second)[int(dominant)] if dominant >= 0 else None})
-    return pd.DataFrame(rows)
+    z = np.vstack([(means - reference.mean(0, dtype=np.float64)) / scale, np.full(values.shape[1], np.nan)])
+    row = {label: i for i, label in enumerate(present)}
+    missing = present.size  # the all-NaN row: a label without cells here
+    wanted = [(first, second, canonical_label(label, control, sep)) for label, first, second in pairs]
+    parts = np.array([[row.get(name, missing) for name in names] for names in wanted]).reshape(len(pairs), 3)
+    first, second, double = z[parts[:, 0]], z[parts[:, 1]], z[parts[:, 2]]
+    usable = keep & np.isfinite(first) & np.isfinite(second) & np.isfinite(double)
+    scores = {k: np.asarray(v, dtype=np.float64) for k, v in
+              decompose(*(np.nan_to_num(x) for x in (first, second, double)), usable).items()}
+    kind, dominant = classify(scores)
+    table = pd.DataFrame({
+        "n_observed_cells": np.append(n_cells, 0)[parts[:, 2]],
+        **{f"observed_{k}": v for k, v in scores.items()},
+        "observed_type": [TYPES[k] if k >= 0 else None for k in kind],
+        "observed_dominant": [names[d] if d >= 0 else None for names, d in zip(wanted, dominant)],
+    })
+    return table
 
 
 def _observed_values(adata: anndata.AnnData, record: dict, *, layer, total_counts_key) -> np.ndarray:
@@ -239,9 +242,9 @@ def interaction_table(pairs, scores: dict, record: dict) -> pd.DataFrame:
         probs = {t: float((kind[ok, j] == i).mean()) if ok.any() else np.nan for i, t in enumerate(TYPES)}
         row.update({f"prob_{t}": p for t, p in probs.items()})
         row["type"] = max(TYPES, key=lambda t: probs[t]) if ok.any() else None
-        first_wins, second_wins = (dominant[ok, j] == 0).mean() if ok.any() else 0, (dominant[ok, j] == 1).mean() if ok.any() else 0
-        row["dominant"] = (first if first_wins >= second_wins else second) if max(first_wins, second_wins) > 0 else None
-        row["prob_dominant"] = float(max(first_wins, second_wins))
+        wins = [float((dominant[ok, j] == side).mean()) if ok.any() else 0.0 for side in (0, 1)]
+        row["dominant"] = (first, second)[int(np.argmax(wins))] if max(wins) > 0 else None
+        row["prob_dominant"] = max(wins)
         rows.append(row)
     return pd.DataFrame(rows)
 
