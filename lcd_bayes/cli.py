@@ -37,7 +37,7 @@ def _add_simulate(sub):
     p.add_argument("--drift", choices=("linear", "nonlinear"), default="linear",
                    help="latent drift family: nonlinear saturates regulation, so doubles do not add up")
     p.add_argument("--times", default=None, metavar="0.1,0.5,1,5",
-                   help="time course (linear drift): cells of each condition at these times after its shift "
+                   help="time course: cells of each condition at these times after its shift "
                         "switched on in control cells (obs['time']), instead of the stationary state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .h5ad")

@@ -469,6 +469,28 @@ def _nonlinear_latent(
     return latent, truth
 
 
+def _nonlinear_time_course(truth: dict, condition_shift: np.ndarray, times: np.ndarray, n_cells: int,
+                           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Cells of every condition at each time after its shift switched on in stationary control
+    cells (a fresh set per time), ordered by condition, then time; the truth gains ``times`` and
+    ``trajectory_mean`` (conditions, times, genes), the Monte Carlo means of those cells."""
+    system = nl.NonlinearSystem(truth["decay"], truth["weights"], truth["basal_drift"], truth["input_offset"],
+                                truth["saturation"], truth["sigma"])
+    n_conditions, d = condition_shift.shape
+    condition_index = np.repeat(np.arange(n_conditions), times.size * n_cells)
+    start, _ = nl.stationary_cells(system, condition_shift[:1], np.zeros(condition_index.size, dtype=int), rng,
+                                   fixed_points=truth["fixed_point"][:1], dt=truth["euler_dt"])
+    blocks = [(q, t) for q in range(n_conditions) for t in times]
+    latent = np.concatenate([
+        nl.forward_cells(system, np.broadcast_to(condition_shift[q], (n_cells, d)),
+                         start[i * n_cells:(i + 1) * n_cells], t, rng, dt=truth["euler_dt"])
+        for i, (q, t) in enumerate(blocks)
+    ])
+    truth["times"] = times
+    truth["trajectory_mean"] = latent.reshape(n_conditions, times.size, n_cells, d).mean(axis=2)
+    return latent, condition_index
+
+
 def simulate(
     n_genes: int = 20,
     *,
@@ -544,10 +566,11 @@ def simulate(
         only; default 1): regulation moves a gene by at most this from its midpoint, and
         saturates once its summed input moves by about ``saturation * decay``.
     times : sequence of float, optional
-        Time course (linear drift only): ``cells_per_condition`` cells of every condition at each
-        time ``>= 0`` after its shift switched on in cells at the control's stationary law, by the
-        exact transition (``ou_transition``); ``obs["time"]`` holds each cell's time. Without it
-        (default) cells are at the stationary state.
+        Time course: ``cells_per_condition`` cells of every condition at each time ``>= 0`` after
+        its shift switched on in cells at the control's stationary law, by the exact transition
+        (``ou_transition``) for the linear drift, by Euler–Maruyama (``nonlinear.forward_cells``)
+        for the nonlinear one; ``obs["time"]`` holds each cell's time. Without it (default) cells
+        are at the stationary state.
 
     Returns
     -------
@@ -558,7 +581,7 @@ def simulate(
         (the arguments; ``simulate(**uns["lcd_simulation"])`` reproduces the run).
         With ``times``: ``obs["time"]``, cells ordered by condition, then time, and the truth's
         ``times`` and ``trajectory_mean`` (conditions, times, genes), the exact mean
-        ``m_q + exp(A t) (m_0 - m_q)``.
+        ``m_q + exp(A t) (m_0 - m_q)`` (for the nonlinear drift the simulated cells' means).
         For ``drift="nonlinear"`` the truth's ``drift`` is the Jacobian of the drift at the
         control fixed point and ``effect`` its transpose with zero diagonal (the linearised
         causal effects); see :func:`truth_from_uns` for the extra keys.
@@ -578,8 +601,6 @@ def simulate(
     if drift == "nonlinear":
         saturation = _as_float("saturation", saturation, positive=True)
     if times is not None:
-        if drift != "linear":
-            raise ValueError("times (a time course) is simulated for the linear drift only")
         times = np.atleast_1d(np.asarray(times, dtype=float))
         if times.ndim != 1 or times.size == 0 or not np.all(np.isfinite(times)) or np.any(times < 0):
             raise ValueError(f"times must be one or more finite numbers >= 0; got {times!r}")
@@ -622,6 +643,8 @@ def simulate(
             targets={label: [label] for label in perturbations},
             conditions=conditions,
         )
+        if times is not None:
+            latent, condition_index = _nonlinear_time_course(truth, condition_shift, times, n_cells, rng_cells)
     else:
         system = random_linear_system(
             d,

@@ -316,6 +316,47 @@ def _linear_noise_factors(system: NonlinearSystem, points: np.ndarray) -> np.nda
     return factors
 
 
+def _euler_step(system: NonlinearSystem, cell_shift: np.ndarray, dt: float, rng: np.random.Generator, shape):
+    """One Euler–Maruyama step of every cell, in place (this loop is the whole cost of a
+    simulation): ``x <- (1 - dt decay) x + dt S tanh((W x + h) / S) + dt (b + c) + sigma sqrt(dt) N(0, I)``;
+    ``cell_shift`` (cells, genes) the shift ``c`` of each cell's condition."""
+    S = system.output_scale
+    weights_t = np.ascontiguousarray(system.weights.T / S)  # (W x + h) / S = x (W^T / S) + h / S
+    offset = system.input_offset / S
+    keep = 1.0 - dt * system.decay
+    constant = dt * (system.basal_drift + cell_shift)
+    noise_scale = system.sigma * np.sqrt(dt)
+    regulation = np.empty(shape)
+    noise = np.empty(shape)
+
+    def step(x: np.ndarray) -> None:
+        np.matmul(x, weights_t, out=regulation)
+        np.add(regulation, offset, out=regulation)
+        np.tanh(regulation, out=regulation)
+        np.multiply(regulation, dt * S, out=regulation)
+        np.multiply(x, keep, out=x)
+        np.add(x, regulation, out=x)
+        np.add(x, constant, out=x)
+        rng.standard_normal(out=noise)
+        np.multiply(noise, noise_scale, out=noise)
+        np.add(x, noise, out=x)
+
+    return step
+
+
+def forward_cells(system: NonlinearSystem, cell_shift: np.ndarray, start: np.ndarray, time: float,
+                  rng: np.random.Generator, *, dt: float | None = None) -> np.ndarray:
+    """Cells that leave ``start`` (cells, genes) when their condition's shift ``cell_shift``
+    (cells, genes) switches on, after ``time`` (rounded to a multiple of ``dt``; default
+    :func:`default_time_step`) by Euler–Maruyama."""
+    dt = default_time_step(system) if dt is None else dt
+    x = np.array(start, dtype=float)
+    step = _euler_step(system, np.asarray(cell_shift, dtype=float), dt, rng, x.shape)
+    for _ in range(int(np.rint(time / dt))):
+        step(x)
+    return x
+
+
 def stationary_cells(
     system: NonlinearSystem,
     condition_shift: np.ndarray,
@@ -380,29 +421,7 @@ def stationary_cells(
     for q, factor in enumerate(factors):
         rows = condition_index == q
         x[rows] += start_noise[rows] @ factor.T
-    # One Euler-Maruyama step, in place (this loop is the whole cost of a simulation):
-    # x <- (1 - dt decay) x + dt S tanh((W x + h) / S) + dt (b + c) + sigma sqrt(dt) N(0, I).
-    S = system.output_scale
-    weights_t = np.ascontiguousarray(system.weights.T / S)  # (W x + h) / S = x (W^T / S) + h / S
-    offset = system.input_offset / S
-    keep = 1.0 - dt * system.decay
-    constant = (dt * (system.basal_drift + condition_shift))[condition_index]
-    noise_scale = system.sigma * np.sqrt(dt)
-    regulation = np.empty_like(x)
-    noise = np.empty_like(x)
-
-    def step(x: np.ndarray) -> None:
-        np.matmul(x, weights_t, out=regulation)
-        np.add(regulation, offset, out=regulation)
-        np.tanh(regulation, out=regulation)
-        np.multiply(regulation, dt * S, out=regulation)
-        np.multiply(x, keep, out=x)
-        np.add(x, regulation, out=x)
-        np.add(x, constant, out=x)
-        rng.standard_normal(out=noise)
-        np.multiply(noise, noise_scale, out=noise)
-        np.add(x, noise, out=x)
-
+    step = _euler_step(system, condition_shift[condition_index], dt, rng, x.shape)
     for _ in range(n_steps):
         step(x)
     cells = x.copy()
