@@ -36,6 +36,7 @@ construction, and only the nonlinear drift (``--config lcd_nonlinear``) can find
 from __future__ import annotations
 
 import math
+
 import anndata
 import jax
 import jax.numpy as jnp
