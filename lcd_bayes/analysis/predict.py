@@ -241,18 +241,11 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     if model.library == "latent":  # the fitted law of the log library sizes, not the panel totals'
         library = (0.0, float(np.median(stacked_draws(posterior["library_sd"]))))
     # Every (condition, time) of a time course becomes one condition of the stationary code below.
-    trils = None
+    covariances = None
     if times is None:
         means, sds = latent_moments(draws, offsets, key_shift, model)  # (draws, conditions, genes)
-    elif nonlinear:
-        means, covariances = _nonlinear_trajectories(_nonlinear_params(draws), offsets, draws["basal_drift"],
-                                                     _law_keys(key_shift, n_samples), tuple(times), model=model)
-        sds, trils = jnp.sqrt(jnp.diagonal(covariances, axis1=-2, axis2=-1)), jnp.linalg.cholesky(covariances)
     else:
-        # The linear law at time t differs from a stationary one only in its mean (dynamics.transient).
-        means, sds = latent_moments(draws, offsets, key_shift, model)
-        means = _trajectory_means(draws["drift"], draws["basal_drift"], means, jnp.asarray(times, means.dtype))
-        sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
+        means, sds, covariances = _trajectory_moments(draws, offsets, key_shift, times, model)
     if summaries and times is None:
         expected = _expected_expression(means, sds, draws, model, library)
         low, high = np.quantile(np.asarray(expected), [(1 - INTERVAL) / 2, (1 + INTERVAL) / 2], axis=0)
@@ -266,9 +259,9 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         table = _trajectory_summary(np.asarray(expected), request.conditions, times, record["genes"])
 
     used = np.asarray(jax.random.choice(key_draws, n_samples, (min(int(n_draws), n_samples),), replace=False))
-    if trils is not None:
+    if covariances is not None:
         values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells),
-                                                        trils=trils)
+                                                        covariances=covariances)
     elif nonlinear:
         values, size_factor, draw_index = _sample_cells(
             key_cells, means, draws, used, model, library, int(n_cells),
@@ -346,17 +339,23 @@ def _trajectory_means(drifts, basal, means, times):
     return jax.lax.map(one_draw, (drifts, basal, means), batch_size=16)
 
 
-def _expected_trajectories(draws, request: Request, key, times: np.ndarray, model, library) -> jax.Array:
-    """``E[y_g]`` (draws, conditions x times, genes) along the time course of a run's draws."""
-    offsets = condition_offsets(draws, request, key)
+def _trajectory_moments(draws: dict, offsets, key, times: np.ndarray, model):
+    """Means and sds (draws, conditions x times, genes), conditions outer, of cells at each time
+    after the switch, and their covariances (draws, conditions x times, genes, genes) for the
+    nonlinear drift (None for the linear one, whose law at time t differs from the stationary
+    one only in its mean: ``dynamics.transient``)."""
     if model.drift == "nonlinear":
         means, covariances = _nonlinear_trajectories(_nonlinear_params(draws), offsets, draws["basal_drift"],
                                                      _law_keys(key, offsets.shape[0]), tuple(times), model=model)
-        return _expected_expression(means, jnp.sqrt(jnp.diagonal(covariances, axis1=-2, axis2=-1)), draws, model,
-                                    library)
-    means = jax.vmap(stationary_means)(draws["drift"], offsets)
+        return means, jnp.sqrt(jnp.diagonal(covariances, axis1=-2, axis2=-1)), covariances
+    means, _ = latent_moments(draws, offsets, key, model)
     means = _trajectory_means(draws["drift"], draws["basal_drift"], means, jnp.asarray(times, means.dtype))
-    sds = jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
+    return means, jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape), None
+
+
+def _expected_trajectories(draws, request: Request, key, times: np.ndarray, model, library) -> jax.Array:
+    """``E[y_g]`` (draws, conditions x times, genes) along the time course of a run's draws."""
+    means, sds, _ = _trajectory_moments(draws, condition_offsets(draws, request, key), key, times, model)
     return _expected_expression(means, sds, draws, model, library)
 
 
@@ -430,19 +429,19 @@ def _nonlinear_moments(params, offsets, keys, *, model):
     return jax.lax.map(one_draw, (params, offsets, keys), batch_size=4)
 
 
-def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int, law=None, trils=None):
+def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int, law=None, covariances=None):
     """Cells per condition cycling over the ``used`` draws; returns values, size factors, draws.
     ``law``: for a nonlinear run, (params, offsets, keys) of every draw, to re-solve the used
-    draws' per-condition covariances (identical keys: identical laws); ``trils``: instead, the
-    Cholesky factors (draws, conditions, genes, genes) of every draw's per-condition covariance."""
+    draws' per-condition covariances (identical keys: identical laws); ``covariances``: instead,
+    every draw's per-condition covariance (draws, conditions, genes, genes), given."""
     per_draw = -(-n_cells // used.size)  # ceil: cells each used draw contributes per condition
     noise_name = {"nb": "concentration", "zip": "gate", "gaussian": "noise_sd"}.get(model.likelihood)
     n_genes = means.shape[-1]
     noise = draws[noise_name][used] if noise_name else jnp.zeros((used.size, n_genes))
     scale = draws["gene_scale"][used] if "gene_scale" in draws else jnp.ones((used.size, n_genes))
-    if trils is not None:
+    if covariances is not None:
         values, size_factor = _cells_of_factors(
-            jax.random.split(key, used.size), means[used], trils[used], scale, noise,
+            jax.random.split(key, used.size), means[used], jnp.linalg.cholesky(covariances[used]), scale, noise,
             jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
         )
     elif law is None:
