@@ -50,7 +50,7 @@ def structure_of(data: PerturbationData, config: RunConfig) -> Structure:
         center = np.log(mean_normalized) - np.log(np.asarray(link(np.float32(0.0), config.model.link)))
     else:
         center = np.zeros(data.n_genes)
-    return Structure(data.design, data.targets, center.astype(np.float32), data.n_cells)
+    return Structure(data.design, data.targets, center.astype(np.float32), data.n_cells, data.n_batches)
 
 
 def library_summary(data: PerturbationData, library: str) -> str:
@@ -141,7 +141,7 @@ def fit(
     if progress and data.is_counts:
         print(library_summary(data, run_config.model.library), flush=True)
     structure = structure_of(data, run_config)
-    cells = CellBatch(data.counts, data.size_factor, data.condition)
+    cells = CellBatch(data.counts, data.size_factor, data.condition, data.batch)
     # Resolved before fitting: a model too large for an explicit refinement is refused before any
     # fitting is spent, and the run's config.toml names the refinement that made its draws.
     refinement, fallback = resolve_refinement(run_config.fit.refine, program(structure, run_config), cells)

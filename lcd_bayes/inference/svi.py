@@ -282,6 +282,8 @@ def fit_svi(
     # with several devices, a multiple of their number (up to devices - 1 shuffled cells left out).
     order = np.random.default_rng(fit.seed).permutation(structure.n_cells)
     order = order[: structure.n_cells - structure.n_cells % devices]
+    if cells.batch is None:  # one array layout for the jitted step, batches or not
+        cells = cells._replace(batch=np.zeros(structure.n_cells, np.int32))
     host_cells = CellBatch(*(np.asarray(a)[order] for a in cells))
     structure = structure._replace(n_cells=order.size)
     inference = build_inference(structure, config, initial_values(host_cells, structure, config.model, fit.init),
@@ -325,7 +327,7 @@ def fit_svi(
         sharding = NamedSharding(mesh, P(CELL_AXIS))
         cells = CellBatch(*(jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
                             for a in host_cells))
-        chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(P(), CellBatch(*(P(CELL_AXIS),) * 3), P()),
+        chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(P(), CellBatch(*(P(CELL_AXIS),) * len(CellBatch._fields)), P()),
                               out_specs=P())
     run_chunk = jax.jit(chunk)
 

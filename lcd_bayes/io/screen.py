@@ -79,6 +79,12 @@ class PerturbationData(NamedTuple):
         How many genes' totals made ``size_factor`` (every gene of the source matrix); None when
         the library sizes came from an obs column (``size_factor_key``, ``total_counts_key``) or
         the data are not counts.
+    batch : np.ndarray, shape (cells,), int32, or None
+        Index of each cell's batch into ``batches``; None when no ``batch_key`` was given.
+    batches : tuple of str or None
+        Batch names (sorted) from ``obs[batch_key]``.
+    batch_key : str or None
+        The obs column the batches were read from.
     """
 
     counts: np.ndarray
@@ -94,6 +100,14 @@ class PerturbationData(NamedTuple):
     control: str
     sep: str
     library_genes: int | None = None
+    batch: np.ndarray | None = None
+    batches: tuple[str, ...] | None = None
+    batch_key: str | None = None
+
+    @property
+    def n_batches(self) -> int:
+        """1 without batches: a screen of one batch has no batch effects to fit."""
+        return 1 if self.batches is None else len(self.batches)
 
     @property
     def n_cells(self) -> int:

@@ -45,6 +45,7 @@ class CellBatch(NamedTuple):
     counts: jax.Array  # (cells, genes) counts, or continuous values for the gaussian likelihood
     size_factor: jax.Array  # (cells,)
     condition: jax.Array  # (cells,) int index into conditions
+    batch: jax.Array | None = None  # (cells,) int index into the batches; None: one batch
 
 
 class Structure(NamedTuple):
@@ -54,6 +55,7 @@ class Structure(NamedTuple):
     targets: np.ndarray  # (perturbations, genes) 0/1 on-target mask
     gene_scale_center: np.ndarray  # (genes,) log mean normalized expression; centers u_g's prior
     n_cells: int
+    n_batches: int = 1  # > 1: per-batch technical and biological effects ([data] batch_key)
 
     @property
     def n_genes(self) -> int:
