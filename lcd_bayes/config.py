@@ -101,6 +101,7 @@ MODEL_RULES: dict[str, Rule] = {
     "saturation_prior_median": _POSITIVE, "saturation_prior_log_sd": _POSITIVE, "input_offset_scale": _POSITIVE,
     "sim_dt": _POSITIVE, "sim_burn_in": _integer(0), "sim_steps": _integer(1), "sim_thin": _integer(1),
     "sim_particles": _integer(2), "sim_noise": _choice(NOISE_KINDS), "lna_doublings": _integer(1),
+    "batch_scale_scale": _POSITIVE, "batch_basal_scale": _POSITIVE,
 }
 FIT_RULES: dict[str, Rule] = {
     "steps": _integer(0, "an integer >= 0 (0: automatic)"), "learning_rate": _POSITIVE,
@@ -307,6 +308,12 @@ class ModelConfig:
     sim_particles: int = 16  # per condition
     sim_noise: str = "rademacher"  # gaussian | rademacher increments (same first two moments)
     lna_doublings: int = 12  # Smith doublings of each condition's LNA covariance: 2**12 sim_dt steps
+    # Batches ([data] batch_key; linear drift): per batch and gene, a log gene scale (counts; an
+    # offset of the values for the gaussian likelihood) ~ Normal(0, s), s ~ HalfNormal(batch_scale_scale),
+    # and a shift of the relative basal drift ~ Normal(0, s'), s' ~ HalfNormal(batch_basal_scale).
+    # 0.5: lanes and replicates of one screen differ by tens of percent in a gene's expression.
+    batch_scale_scale: float = 0.5
+    batch_basal_scale: float = 0.5
 
     def __post_init__(self):
         check_settings("model", self, MODEL_RULES)
@@ -433,6 +440,7 @@ class DataConfig:
     layer: str | None = None
     size_factor_key: str | None = None
     total_counts_key: str | None = None
+    batch_key: str | None = None  # obs column of each cell's batch (lane, replicate, donor)
     n_top_genes: int | None = None
     gene_ranking: str = DEFAULT_GENE_RANKING
     predict_targets: tuple[str, ...] | None = None  # labels of conditions to predict: their targets first
@@ -443,7 +451,7 @@ class DataConfig:
         for name in ("perturbation_key", "control", "sep"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"[data] {name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("layer", "size_factor_key", "total_counts_key"):
+        for name in ("layer", "size_factor_key", "total_counts_key", "batch_key"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"[data] {name} must be an obs/layer name (a string), got {getattr(self, name)!r}")
         if self.n_top_genes is not None:

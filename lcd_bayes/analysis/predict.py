@@ -24,6 +24,13 @@ and a predicted cell is ``x ~ N(mu_sq, Sigma_sq)`` with a covariance per conditi
 Per-gene expected expression, ``E[y_g] = E[s] u_g E[link(x_g)]`` (Gauss-Hermite over
 ``x_g ~ N(mu_g, Sigma_gg)``), is summarized over all draws: posterior mean and a 90% interval.
 
+Batches (a run fitted with a batch key): a batch ``b`` moves every latent mean by its
+``-A^{-1} D beta_b`` (at every time of a time course too: the control's state it starts from moves
+alike) and scales each gene's counts by ``exp(tau_bg)`` (continuous values: adds ``tau_bg``). A
+prediction for a named batch uses its effects; by default each predicted cell is drawn from a batch
+in proportion to the training cells per batch, and the expression summaries average the batches
+with those weights (the screen's own mixture of batches).
+
 Time courses (``times``): cells at the control's stationary law when the condition's shift
 switches on at ``t = 0`` are ``N(m_sq(t), Sigma_s)`` at time ``t`` for the linear drift, with
 ``m_sq(t) = mu_sq + exp(A_s t) (mu_s0 - mu_sq)`` (``dynamics.transient``). For the nonlinear drift
@@ -180,17 +187,58 @@ def _observe(key, likelihood: str, rate, draws_noise):
     return count_distribution(likelihood, rate, draws_noise).sample(key)
 
 
+class BatchEffects(NamedTuple):
+    """What a cell's batch adds to its prediction, per posterior draw, and which batches the
+    predicted cells come from. A run without batches has one batch of no effect."""
+
+    mean_shift: jax.Array  # (draws, batches, genes) latent mean shift (gaussian: with the value offset)
+    log_scale: jax.Array  # (draws, batches, genes) log gene scale (0 for continuous values)
+    weights: jax.Array  # (batches,) probability that a predicted cell is from each batch
+    names: tuple[str, ...] | None  # None: the run has no batches
+
+
+def batch_effects(posterior, record: dict, batch: str | None, model) -> BatchEffects:
+    """The batch effects of ``posterior``'s draws: of ``batch`` alone, or (None) of every batch
+    weighted by its share of the training cells."""
+    names = record.get("batches")
+    if names is None:
+        if batch is not None:
+            raise DataError(f"batch {batch!r} was asked for, but this run was fitted without batches; predict "
+                            "without a batch (CLI: drop --batch), or refit with a batch key (--batch-key)")
+        n_draws, n_genes = stacked_draws(posterior["drift"]).shape[:2]
+        zeros = jnp.zeros((n_draws, 1, n_genes))
+        return BatchEffects(zeros, zeros, jnp.ones(1), None)
+    if batch is None:
+        weights = np.asarray(record["cells_per_batch"], dtype=np.float64)
+    elif str(batch) in names:
+        weights = (np.asarray(names) == str(batch)).astype(np.float64)
+    else:
+        close = difflib.get_close_matches(str(batch), names, n=3)
+        raise DataError(f"batch {batch!r} is not a batch of this run ({len(names)} batches from obs"
+                        f"[{record.get('batch_key')!r}]: {', '.join(map(repr, names[:8]))}"
+                        + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+                        + "); leave it out to average over the batches")
+    mean_shift = stacked_draws(posterior["batch_mean_shift"])
+    if model.likelihood == "gaussian":
+        mean_shift = mean_shift + stacked_draws(posterior["batch_offset"])
+        log_scale = np.zeros_like(mean_shift)
+    else:
+        log_scale = stacked_draws(posterior["batch_log_scale"])
+    return BatchEffects(jnp.asarray(mean_shift), jnp.asarray(log_scale), jnp.asarray(weights / weights.sum(),
+                                                                                      jnp.float32), tuple(names))
+
+
 def predict(run: str | Path, perturbations, *, n_cells: int = 100, n_draws: int = DEFAULT_CELL_DRAWS,
-            seed: int = 0, times=None) -> anndata.AnnData:
+            seed: int = 0, times=None, batch: str | None = None) -> anndata.AnnData:
     """``predict_posterior`` on a run folder written by ``lcd-bayes fit``."""
     tree, config, record = load_run(run)
     return predict_posterior(tree, config, record, perturbations, n_cells=n_cells, n_draws=n_draws, seed=seed,
-                             run_name=str(Path(run).resolve()), times=times)
+                             run_name=str(Path(run).resolve()), times=times, batch=batch)
 
 
 def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int = 100,
                       n_draws: int = DEFAULT_CELL_DRAWS, seed: int = 0, run_name: str = "in memory",
-                      summaries: bool = True, times=None) -> anndata.AnnData:
+                      summaries: bool = True, times=None, batch: str | None = None) -> anndata.AnnData:
     """Predicted cells of each requested condition, with per-gene posterior expression summaries.
 
     Parameters
@@ -208,6 +256,9 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     times : None (the stationary state), or times after the condition's shift switches on in cells
         at the control's stationary state (``"0.1,1,5"`` or numbers >= 0, model time units; a
         nonlinear run's times are rounded to its ``sim_dt``): ``n_cells`` cells per condition and time.
+    batch : for a run fitted with batches, the batch to predict cells of; None (default) draws
+        each cell's batch in proportion to the training cells per batch (``obs["batch"]``) and
+        averages the summaries over the batches with the same weights.
 
     Returns
     -------
@@ -233,6 +284,7 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         times = parse_times(times)
     draws = posterior_draws(posterior, model)
     n_samples = draws["drift"].shape[0]
+    batches = batch_effects(posterior, record, batch, model)
 
     key_shift, key_draws, key_cells = jax.random.split(jax.random.PRNGKey(seed), 3)
     offsets = condition_offsets(draws, request, key_shift)
@@ -247,7 +299,7 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
     else:
         means, sds, covariances = _trajectory_moments(draws, offsets, key_shift, times, model)
     if summaries and times is None:
-        expected = _expected_expression(means, sds, draws, model, library)
+        expected = _expected_expression(means, sds, draws, model, library, batches)
         low, high = np.quantile(np.asarray(expected), [(1 - INTERVAL) / 2, (1 + INTERVAL) / 2], axis=0)
     elif summaries:
         # The trajectory's intervals come from the refined draws, the cells from the guide's. The
@@ -255,19 +307,21 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         # the simulated mean trajectory at 44-76% of (gene, time) points per perturbation (24% at
         # t = 0.05, where the relaxation rates matter most), the Laplace draws' at 96-100%.
         refined = {name: jnp.asarray(stacked_draws(tree["posterior"][name])) for name in draws}
-        expected = _expected_trajectories(refined, request, key_shift, times, model, library)
+        expected = _expected_trajectories(refined, request, key_shift, times, model, library,
+                                          batch_effects(tree["posterior"], record, batch, model))
         table = _trajectory_summary(np.asarray(expected), request.conditions, times, record["genes"])
 
     used = np.asarray(jax.random.choice(key_draws, n_samples, (min(int(n_draws), n_samples),), replace=False))
     if covariances is not None:
-        values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells),
-                                                        covariances=covariances)
+        values, size_factor, draw_index, cell_batch = _sample_cells(key_cells, means, draws, used, model, library,
+                                                                    int(n_cells), batches, covariances=covariances)
     elif nonlinear:
-        values, size_factor, draw_index = _sample_cells(
-            key_cells, means, draws, used, model, library, int(n_cells),
+        values, size_factor, draw_index, cell_batch = _sample_cells(
+            key_cells, means, draws, used, model, library, int(n_cells), batches,
             law=(_nonlinear_params(draws), offsets, _law_keys(key_shift, n_samples)))
     else:
-        values, size_factor, draw_index = _sample_cells(key_cells, means, draws, used, model, library, int(n_cells))
+        values, size_factor, draw_index, cell_batch = _sample_cells(key_cells, means, draws, used, model, library,
+                                                                    int(n_cells), batches)
     n_times = 1 if times is None else times.size
     labels = np.repeat(np.array(request.conditions), n_times * int(n_cells))
     adata = prediction_anndata(
@@ -276,10 +330,12 @@ def predict_posterior(tree, config, record: dict, perturbations, *, n_cells: int
         perturbation_key=record["perturbation_key"], control=record["control"], sep=record["sep"],
         uns={"run": run_name, "conditions": list(request.conditions),
              "new_labels": list(request.new_labels), "n_draws": int(used.size), "draws_from": source,
-             "interval": INTERVAL, "seed": int(seed)},
+             "interval": INTERVAL, "seed": int(seed), "batch": "all" if batch is None else str(batch)},
     )
     adata.obs["size_factor"] = size_factor.reshape(-1)
     adata.obs["draw"] = draw_index.reshape(-1)
+    if batches.names is not None:
+        adata.obs["batch"] = pd.Categorical.from_codes(cell_batch.reshape(-1), categories=list(batches.names))
     if times is not None:
         adata.obs["time"] = np.tile(np.repeat(times, int(n_cells)), len(request.conditions))
         adata.uns["lcd_bayes"]["times"] = times
@@ -317,13 +373,18 @@ def latent_moments(draws: dict, offsets: jax.Array, key: jax.Array, model) -> tu
     return means, jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape)
 
 
-def _expected_expression(means, sds, draws, model, library) -> jax.Array:
-    """``E[y_g]`` per draw and condition at the control cells' library sizes; ``sds`` (draws,
-    conditions, genes) the latent sd of each condition."""
+def _expected_expression(means, sds, draws, model, library, batches: BatchEffects) -> jax.Array:
+    """``E[y_g]`` per draw and condition at the control cells' library sizes, averaged over the
+    ``batches`` with their weights; ``sds`` (draws, conditions, genes) the latent sd of each
+    condition."""
+    shifted = means[:, None] + batches.mean_shift[:, :, None, :]  # (draws, batches, conditions, genes)
     if model.likelihood == "gaussian":
-        return means
-    mean_size_factor = math.exp(library[0] + 0.5 * library[1] ** 2)
-    return mean_size_factor * draws["gene_scale"][:, None, :] * expected_link(means, sds, model.link)
+        per_batch = shifted
+    else:
+        mean_size_factor = math.exp(library[0] + 0.5 * library[1] ** 2)
+        scale = draws["gene_scale"][:, None, None, :] * jnp.exp(batches.log_scale)[:, :, None, :]
+        per_batch = mean_size_factor * scale * expected_link(shifted, sds[:, None], model.link)
+    return jnp.einsum("b,sbqg->sqg", batches.weights.astype(per_batch.dtype), per_batch)
 
 
 @jax.jit
@@ -353,10 +414,11 @@ def _trajectory_moments(draws: dict, offsets, key, times: np.ndarray, model):
     return means, jnp.broadcast_to(draws["stationary_sd"][:, None, :], means.shape), None
 
 
-def _expected_trajectories(draws, request: Request, key, times: np.ndarray, model, library) -> jax.Array:
+def _expected_trajectories(draws, request: Request, key, times: np.ndarray, model, library,
+                           batches: BatchEffects) -> jax.Array:
     """``E[y_g]`` (draws, conditions x times, genes) along the time course of a run's draws."""
     means, sds, _ = _trajectory_moments(draws, condition_offsets(draws, request, key), key, times, model)
-    return _expected_expression(means, sds, draws, model, library)
+    return _expected_expression(means, sds, draws, model, library, batches)
 
 
 @functools.partial(jax.jit, static_argnames=("times", "model"))
@@ -429,8 +491,10 @@ def _nonlinear_moments(params, offsets, keys, *, model):
     return jax.lax.map(one_draw, (params, offsets, keys), batch_size=4)
 
 
-def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int, law=None, covariances=None):
-    """Cells per condition cycling over the ``used`` draws; returns values, size factors, draws.
+def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: int, batches: BatchEffects, law=None,
+                  covariances=None):
+    """Cells per condition cycling over the ``used`` draws, each from a batch drawn with the
+    ``batches`` weights; returns values, size factors, draws and batch indices.
     ``law``: for a nonlinear run, (params, offsets, keys) of every draw, to re-solve the used
     draws' per-condition covariances (identical keys: identical laws); ``covariances``: instead,
     every draw's per-condition covariance (draws, conditions, genes, genes), given."""
@@ -439,79 +503,87 @@ def _sample_cells(key, means, draws, used: np.ndarray, model, library, n_cells: 
     n_genes = means.shape[-1]
     noise = draws[noise_name][used] if noise_name else jnp.zeros((used.size, n_genes))
     scale = draws["gene_scale"][used] if "gene_scale" in draws else jnp.ones((used.size, n_genes))
+    keys = jax.random.split(key, used.size)
+    observation = (scale, noise, batches.mean_shift[used], batches.log_scale[used])
+    fixed = (jnp.asarray(library, dtype=means.dtype), batches.weights)
     if covariances is not None:
-        values, size_factor = _cells_of_factors(
-            jax.random.split(key, used.size), means[used], jnp.linalg.cholesky(covariances[used]), scale, noise,
-            jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
-        )
+        values, size_factor, batch = _cells_of_factors(keys, means[used], jnp.linalg.cholesky(covariances[used]),
+                                                       observation, fixed, model=model, per_draw=per_draw)
     elif law is None:
-        values, size_factor = _cells_of_draws(
-            jax.random.split(key, used.size), means[used], draws["drift"][used], scale, noise,
-            jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
-        )
+        values, size_factor, batch = _cells_of_draws(keys, means[used], draws["drift"][used], observation, fixed,
+                                                     model=model, per_draw=per_draw)
     else:
         params, offsets, law_keys = jax.tree_util.tree_map(lambda a: a[used], law)
-        values, size_factor = _nonlinear_cells_of_draws(
-            jax.random.split(key, used.size), params, offsets, law_keys, scale, noise,
-            jnp.asarray(library, dtype=means.dtype), model=model, per_draw=per_draw,
-        )
+        values, size_factor, batch = _nonlinear_cells_of_draws(keys, params, offsets, law_keys, observation, fixed,
+                                                               model=model, per_draw=per_draw)
     # (draws, conditions, per_draw, ...) -> (conditions, draws * per_draw, ...), the first n_cells.
     values = jnp.moveaxis(values, 0, 1).reshape(means.shape[1], -1, n_genes)[:, :n_cells]
-    size_factor = jnp.moveaxis(size_factor, 0, 1).reshape(means.shape[1], -1)[:, :n_cells]
+    size_factor, batch = (jnp.moveaxis(a, 0, 1).reshape(means.shape[1], -1)[:, :n_cells] for a in (size_factor, batch))
     draw_index = np.broadcast_to(np.repeat(used, per_draw)[None, :n_cells], size_factor.shape)
-    return np.asarray(values), np.asarray(size_factor), np.asarray(draw_index)
+    return np.asarray(values), np.asarray(size_factor), np.asarray(draw_index), np.asarray(batch)
+
+
+# The ``_cells_of_*`` functions take, per draw, ``observation`` = (gene scale, noise parameter,
+# batch mean shifts, batch log scales) and, shared, ``fixed`` = (library log mean and sd, batch
+# weights); jitted once per shape.
 
 
 @functools.partial(jax.jit, static_argnames=("model", "per_draw"))
-def _cells_of_draws(keys, means, drifts, scales, noises, library, *, model, per_draw: int):
+def _cells_of_draws(keys, means, drifts, observation, fixed, *, model, per_draw: int):
     """``per_draw`` cells per condition for each draw: latent states from the draw's stationary
-    law, library sizes like the control's, counts from the likelihood. Jitted once per shape."""
+    law, library sizes like the control's, counts from the likelihood."""
 
     def one_draw(args):
-        mean, drift, scale, noise, draw_key = args
+        mean, drift, draw_observation, draw_key = args
         law = stationary_law(drift, dt=model.dt, sigma=model.sigma, n_doublings=model.n_doublings,
                              max_spectral_radius=model.max_spectral_radius, scheme=model.scheme)
         tril = jnp.linalg.cholesky(law.covariance)
-        return _cells_of_law(draw_key, mean, tril, scale, noise, library, model, per_draw)
+        return _cells_of_law(draw_key, mean, tril, draw_observation, fixed, model, per_draw)
 
-    return jax.lax.map(one_draw, (means, drifts, scales, noises, keys), batch_size=16)
+    return jax.lax.map(one_draw, (means, drifts, observation, keys), batch_size=16)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "per_draw"))
-def _nonlinear_cells_of_draws(keys, params, offsets, law_keys, scales, noises, library, *, model, per_draw: int):
+def _nonlinear_cells_of_draws(keys, params, offsets, law_keys, observation, fixed, *, model, per_draw: int):
     """As ``_cells_of_draws`` for a nonlinear run: one covariance per condition and draw."""
 
     def one_draw(args):
-        draw_params, offset, law_key, scale, noise, draw_key = args
+        draw_params, offset, law_key, draw_observation, draw_key = args
         law = _nonlinear_law(draw_params, offset, law_key, model)
         tril = jnp.linalg.cholesky(law.covariances)  # (conditions, genes, genes)
-        return _cells_of_law(draw_key, law.means, tril, scale, noise, library, model, per_draw)
+        return _cells_of_law(draw_key, law.means, tril, draw_observation, fixed, model, per_draw)
 
-    return jax.lax.map(one_draw, (params, offsets, law_keys, scales, noises, keys), batch_size=4)
+    return jax.lax.map(one_draw, (params, offsets, law_keys, observation, keys), batch_size=4)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "per_draw"))
-def _cells_of_factors(keys, means, trils, scales, noises, library, *, model, per_draw: int):
+def _cells_of_factors(keys, means, trils, observation, fixed, *, model, per_draw: int):
     """As ``_cells_of_draws`` with each draw's per-condition covariance factors given."""
 
     def one_draw(args):
-        mean, tril, scale, noise, draw_key = args
-        return _cells_of_law(draw_key, mean, tril, scale, noise, library, model, per_draw)
+        mean, tril, draw_observation, draw_key = args
+        return _cells_of_law(draw_key, mean, tril, draw_observation, fixed, model, per_draw)
 
-    return jax.lax.map(one_draw, (means, trils, scales, noises, keys), batch_size=16)
+    return jax.lax.map(one_draw, (means, trils, observation, keys), batch_size=16)
 
 
-def _cells_of_law(draw_key, mean, tril, scale, noise, library, model, per_draw: int):
+def _cells_of_law(draw_key, mean, tril, observation, fixed, model, per_draw: int):
     """``per_draw`` cells per condition from ``N(mean_q, tril tril^T)``, ``tril`` shared (genes,
-    genes) or per condition (conditions, genes, genes), then library sizes and the likelihood."""
+    genes) or per condition (conditions, genes, genes), each moved by its batch's effects, then
+    library sizes and the likelihood. Returns values, size factors and batch indices."""
+    scale, noise, batch_shift, batch_log_scale = observation
+    library, batch_weights = fixed
     k_x, k_s, k_y = jax.random.split(draw_key, 3)
     eps = jax.random.normal(k_x, (mean.shape[0], per_draw, mean.shape[1]))
     if tril.ndim == 2:
         latent = mean[:, None, :] + eps @ tril.T
     else:
         latent = mean[:, None, :] + jnp.einsum("qij,qcj->qci", tril, eps)
+    # Its own key, so that the cells of a run without batches are those they always were.
+    batch = jax.random.categorical(jax.random.fold_in(draw_key, 3), jnp.log(batch_weights), shape=latent.shape[:2])
+    latent = latent + batch_shift[batch]
     if model.likelihood == "gaussian":
-        return latent + noise * jax.random.normal(k_y, latent.shape), jnp.ones(latent.shape[:2])
+        return latent + noise * jax.random.normal(k_y, latent.shape), jnp.ones(latent.shape[:2]), batch
     size_factor = jnp.exp(library[0] + library[1] * jax.random.normal(k_s, latent.shape[:2]))
-    rate = size_factor[..., None] * link(latent, model.link) * scale + 1e-6
-    return _observe(k_y, model.likelihood, rate, noise).astype(jnp.float32), size_factor
+    rate = size_factor[..., None] * link(latent, model.link) * scale * jnp.exp(batch_log_scale[batch]) + 1e-6
+    return _observe(k_y, model.likelihood, rate, noise).astype(jnp.float32), size_factor, batch

@@ -23,11 +23,13 @@ from .initialization import init_at
 
 # Gene k's block: row k of the horseshoe's raw weights and local scales of R (gene k's inputs)
 # and gene k's own parameters (self-decay, basal drift, observation noise), which trade off
-# against its inputs: a larger decay with larger inputs gives the same mean response. With them
+# against its inputs: a larger decay with larger inputs gives the same mean response (and its batch
+# effects, which trade off against its scale and basal drift). With them
 # the d = 20 true-edge coverage (50%/90%) went 0.23/0.67 -> 0.36/0.77 (Gaussian) and
 # 0.25/0.63 -> 0.27/0.65 (NB). Sites a model does not have are skipped.
 ROW_BLOCK_SITES = ("interaction_raw", "interaction_local",
-                   "log_decay", "basal_relative", "noise_sd", "gene_scale", "concentration", "gate")
+                   "log_decay", "basal_relative", "noise_sd", "gene_scale", "concentration", "gate",
+                   "batch_basal_relative", "batch_log_scale", "batch_offset")
 
 
 class RowTransform(Transform):

@@ -17,13 +17,14 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import log_likelihood
 
 from .. import __version__
-from ..model.program import Structure, drift_prior
+from ..model.program import Structure, as_jax, drift_prior
 
 
 class Coords(NamedTuple):
     genes: tuple[str, ...]
     conditions: tuple[str, ...]
     perturbations: tuple[str, ...]
+    batches: tuple[str, ...] | None = None
 
 
 # Posterior variables and their dims after (chain, draw).
@@ -58,10 +59,22 @@ VARIABLE_DIMS = {
     "gate": ("gene",),
     "noise_sd": ("gene",),
     "library_sd": (),  # [model] library = "latent": spread of the cells' log library sizes
+    # Batches ([data] batch_key): each batch's shift of the basal drift, the mean shift it causes
+    # (-A^{-1} times it), its technical log gene scale (counts) or value offset (gaussian), and the
+    # spreads they are drawn from.
+    "batch_basal_drift": ("batch", "gene"),
+    "batch_mean_shift": ("batch", "gene"),
+    "batch_log_scale": ("batch", "gene"),
+    "batch_offset": ("batch", "gene"),
+    "batch_basal_sd": (),
+    "batch_scale_sd": (),
 }
 # Sampled sites kept in the posterior as drawn (where the model has them).
 _STORED_AS_DRAWN = ("gene_scale", "concentration", "gate", "noise_sd", "interaction_scale", "shift_mean", "shift_sd",
-                    "decay_location", "decay_spread", "concentration_location", "concentration_spread", "library_sd")
+                    "decay_location", "decay_spread", "concentration_location", "concentration_spread", "library_sd",
+                    "batch_basal_sd", "batch_scale_sd")
+# Sampled gene by gene, (genes, batches); stored as (batch, gene).
+_BATCH_TECHNICAL = ("batch_log_scale", "batch_offset")
 
 
 def draw_globals(guide, params: dict, structure: Structure, model_config, *, num_samples: int,
@@ -111,6 +124,10 @@ def derive_globals(latent: dict, structure: Structure, model_config, *, chunk_si
                        fixed_point_residual=sites["fixed_point_residual"]["value"],
                        n_diverged=sites["n_diverged"]["value"])
         out.update({name: draw[name] for name in _STORED_AS_DRAWN if name in draw})
+        out.update({name: draw[name].T for name in _BATCH_TECHNICAL if name in draw})
+        if "batch_mean_shift" in sites:
+            out.update(batch_basal_drift=sites["batch_basal_drift"]["value"],
+                       batch_mean_shift=sites["batch_mean_shift"]["value"])
         return out
 
     nonlinear = getattr(model_config, "drift", "linear") == "nonlinear"
@@ -130,7 +147,7 @@ def pointwise_log_likelihood(model, params: dict, latent: dict, cells) -> np.nda
     Draws are evaluated one at a time, so memory is one draw's cells x particles x genes.
     """
     conditioned = substitute(model, data=jax.tree_util.tree_map(jnp.asarray, params))
-    cells = type(cells)(*(jnp.asarray(a) for a in cells))
+    cells = as_jax(cells)
     return np.asarray(log_likelihood(conditioned, latent, cells)["y"])
 
 
@@ -145,6 +162,7 @@ def to_datatree(draws: dict[str, np.ndarray], coords: Coords, *, losses: np.ndar
     coord_values = {
         "gene": list(coords.genes), "source": list(coords.genes), "target": list(coords.genes),
         "perturbation": list(coords.perturbations), "condition": list(coords.conditions),
+        "batch": list(coords.batches or ()),
     }
     posterior = _draws_dataset(draws, coord_values, {"inference_library": "numpyro", "inference": "SVI",
                                                      "lcd_bayes_version": __version__, **(attrs or {})})

@@ -53,6 +53,8 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import initialize_model
 from tqdm.auto import tqdm
 
+from ..model.program import as_jax
+
 # The whitening needs the dense covariance of the guide's draws (latent_dim^2 floats and a Cholesky
 # factorization), the Laplace refinement a dense Hessian and its eigendecomposition: ~40 genes with
 # the linear drift.
@@ -96,7 +98,7 @@ def latent_dimension(model, cells) -> int:
     """The number of unconstrained latent dimensions of ``model`` on ``cells``, from the shapes of
     its sample sites (traced abstractly: nothing is computed, however many cells)."""
     def latent_values():
-        sites = trace(seed(model, 0)).get_trace(type(cells)(*(jnp.asarray(a) for a in cells)))
+        sites = trace(seed(model, 0)).get_trace(as_jax(cells))
         return {name: site["value"] for name, site in sites.items()
                 if site["type"] == "sample" and not site["is_observed"]}
 
@@ -146,7 +148,7 @@ def full_data_potential(model, params: dict, cells, key, prior_only: bool = Fals
     sites (the cell encoder); ``key`` fixes the particle noise of the count likelihoods. With
     ``prior_only`` the observed and factor sites are hidden: ``-log p(z)`` (with the same Jacobians).
     """
-    cells = type(cells)(*(jnp.asarray(a) for a in cells))  # indexed by traced cell indices
+    cells = as_jax(cells)  # indexed by traced cell indices
     hidden = block(model, hide_fn=lambda site: site.get("type") == "deterministic"
                    or (prior_only and site.get("type") == "sample" and site.get("is_observed")))
     fixed = seed(substitute(hidden, data={k: jnp.asarray(v) for k, v in params.items()}), key)

@@ -10,6 +10,14 @@
                                                 [model] link = "softplus": softplus(x_ig))
     log s_i ~ N(0, library_sd^2)                [model] library = "latent"; else s_i as observed
 
+With batches (``[data] batch_key``), cell i of batch b(i) has a biological and a technical effect,
+each per batch and gene and drawn from a shared Normal(0, s) whose spread s is itself drawn (a small
+batch borrows strength from the others):
+
+    mu_q,b = -A^{-1} (b + D beta_b + sum_{p in q} c_p)    beta_bg ~ N(0, s_basal^2): basal drift shift
+    y_ig ~ NB(s_i exp(x_ig) u_g exp(tau_b(i)g), phi_g)     tau_bg ~ N(0, s_scale^2): gene scale
+                                                           (gaussian: y = x + tau_b(i) + noise)
+
 Priors sit in ``drift_prior``, the likelihood in ``lcd_model``, which integrates each cell's state
 (and latent library) out by importance sampling from ``conditional_proposal`` (so the guide covers the globals only).
 ``[model] pool_decay`` and ``pool_concentration`` draw the per-gene kappa_g and log phi_g from a
@@ -48,6 +56,12 @@ class CellBatch(NamedTuple):
     batch: jax.Array | None = None  # (cells,) int index into the batches; None: one batch
 
 
+def as_jax(cells):
+    """The same per-cell arrays (a ``CellBatch``, or a program's other argument tuple) as JAX
+    arrays, indexed by traced cell indices inside jitted code; an absent field stays None."""
+    return type(cells)(*(None if a is None else jnp.asarray(a) for a in cells))
+
+
 class Structure(NamedTuple):
     """Static description of the screen: which labels make each condition and what they target."""
 
@@ -71,6 +85,24 @@ class Drift(NamedTuple):
     basal_drift: jax.Array  # (genes,) b
     means: jax.Array  # (conditions, genes) mu_q
     covariance: jax.Array  # (genes, genes) Sigma; nonlinear: (conditions, genes, genes) Sigma_q
+    batch_means: jax.Array | None = None  # (batches, genes) -A^{-1} D beta_b: each batch's mean shift
+
+
+def cell_means(drift: Drift, cells: "CellBatch", idx) -> jax.Array:
+    """The stationary mean of each cell ``idx``: its condition's, moved by its batch's."""
+    means = drift.means[cells.condition[idx]]
+    return means if drift.batch_means is None else means + drift.batch_means[cells.batch[idx]]
+
+
+def batch_effect(name: str, spread_name: str, n_batches: int, n_genes: int, spread_scale: float) -> jax.Array:
+    """Per-batch, per-gene effects ``~ Normal(0, s)``, ``s ~ HalfNormal(spread_scale)``, as
+    (batches, genes). Sampled gene by gene in the ``genes`` plate, (genes, batches), so that the
+    row-block guide puts gene k's batch effects in its block, beside the gene scale and basal
+    drift they trade off against. Centered: batches hold hundreds of cells, which pin each effect."""
+    spread = numpyro.sample(spread_name, dist.HalfNormal(spread_scale))
+    with numpyro.plate("genes", n_genes, dim=-1):
+        effect = numpyro.sample(name, dist.Normal(jnp.zeros((n_genes, n_batches)), spread).to_event(1))
+    return effect.T
 
 
 def per_gene(name: str, prior: dist.Distribution):
@@ -155,7 +187,15 @@ def drift_prior(structure: Structure, config: ModelConfig) -> Drift:
     numpyro.deterministic("drift", used_drift)
     numpyro.deterministic("stationary_mean", means)
     numpyro.deterministic("stationary_covariance", law.covariance)
-    return Drift(used_drift, shift, basal, means, law.covariance)
+    batch_means = None
+    if structure.n_batches > 1:
+        # A batch's shift of the basal drift moves its cells' means through the same network as a
+        # perturbation does (the linear drift's covariance does not depend on it).
+        batch_basal = decay * batch_effect("batch_basal_relative", "batch_basal_sd", structure.n_batches, n_genes,
+                                           config.batch_basal_scale)
+        numpyro.deterministic("batch_basal_drift", batch_basal)
+        batch_means = numpyro.deterministic("batch_mean_shift", stationary_means(used_drift, batch_basal))
+    return Drift(used_drift, shift, basal, means, law.covariance, batch_means)
 
 
 def nonlinear_stationary(structure: Structure, config: ModelConfig, decay, relative_interaction, basal,
@@ -166,6 +206,9 @@ def nonlinear_stationary(structure: Structure, config: ModelConfig, decay, relat
     ``dynamics.nonlinear.stationary_law_nonlinear`` with fresh particle noise every SVI step.
     """
     n_genes = structure.n_genes
+    if structure.n_batches > 1:
+        raise ValueError("batch effects ([data] batch_key, --batch-key) are built for the linear drift only; fit "
+                         "the nonlinear drift without a batch key, or the linear drift with it")
     saturation = numpyro.sample(
         "saturation",
         dist.LogNormal(jnp.full(n_genes, np.log(config.saturation_prior_median)), config.saturation_prior_log_sd).to_event(1),
@@ -261,16 +304,23 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
     """
     drift = drift_prior(structure, config)
     n_genes = structure.n_genes
+    batches = structure.n_batches > 1
 
     if config.likelihood == "gaussian":
         noise_sd = per_gene("noise_sd", dist.HalfNormal(jnp.ones(n_genes)))
+        # The technical batch effect of continuous values: an offset of the observed values.
+        offset = (batch_effect("batch_offset", "batch_scale_sd", structure.n_batches, n_genes, config.batch_scale_scale)
+                  if batches else None)
         # y = x + noise with x ~ N(mu_q, Sigma): x integrates out in closed form.
         marginal_tril = jnp.linalg.cholesky(drift.covariance + jnp.diag(noise_sd**2))
         with cell_plate(structure.n_cells, cells.counts.shape[0], batch_size, cell_axis) as idx:
+            mean = cell_means(drift, cells, idx)
+            if batches:
+                mean = mean + offset[cells.batch[idx]]
             # (Arguments inside the cells plate are traced, so numpyro's validation checks nothing
             # there, and under jax.shard_map it fails to run at all.)
             numpyro.sample(
-                "y", dist.MultivariateNormal(drift.means[cells.condition[idx]],
+                "y", dist.MultivariateNormal(mean,
                                              scale_tril=condition_factor(marginal_tril, cells.condition[idx]),
                                              validate_args=False),
                 obs=cells.counts[idx],
@@ -278,6 +328,8 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
         return
 
     gene_scale = per_gene("gene_scale", dist.LogNormal(jnp.asarray(structure.gene_scale_center), 1.0))
+    batch_log_scale = (batch_effect("batch_log_scale", "batch_scale_sd", structure.n_batches, n_genes,
+                                    config.batch_scale_scale) if batches else None)
     noise = observation_noise_prior(config, n_genes)
     latent_library = config.library == "latent"
     if latent_library:
@@ -304,7 +356,8 @@ def lcd_model(cells: CellBatch, structure: Structure, config: ModelConfig, batch
             library_ratio = library_prior.log_prob(log_size) - library.log_prob(log_size)
             size = jnp.exp(log_size)
         latent = proposal.sample(key, cell_particles)  # (particles, cells, genes), reparameterized
-        rate = size[..., None] * link(latent, config.link) * gene_scale + 1e-6
+        scale = gene_scale if batch_log_scale is None else gene_scale * jnp.exp(batch_log_scale[cells.batch[idx]])
+        rate = size[..., None] * link(latent, config.link) * scale + 1e-6
         # log p(y | x) + log N(x; mu_q, Sigma) - log q(x), with the parts of log p(y | x) that do
         # not depend on x added once per cell instead of once per particle.
         log_weight = (rate_log_likelihood(config.likelihood, counts, rate, noise) + proposal.log_density_ratio(latent)
@@ -446,8 +499,11 @@ def pseudo_observation(cells: CellBatch, idx, structure: Structure, config: Mode
     condition_offset = numpyro.param("encoder_condition_offset", jnp.zeros((n_conditions, n_genes)))
     guess = crude_latent(cells.counts[idx], cells.size_factor[idx], jnp.asarray(structure.gene_scale_center), config.link)
     hidden_state = jnp.tanh(guess @ weights_in + bias_in)
-    correction = guess @ weights_linear + hidden_state @ weights_hidden
-    return guess + correction + condition_offset[cells.condition[idx]]
+    correction = guess @ weights_linear + hidden_state @ weights_hidden + condition_offset[cells.condition[idx]]
+    if structure.n_batches > 1:  # a batch's technical and biological effects move its cells' guesses alike
+        batch_offset = numpyro.param("encoder_batch_offset", jnp.zeros((structure.n_batches, n_genes)))
+        correction = correction + batch_offset[cells.batch[idx]]
+    return guess + correction
 
 
 class ConditionalProposal(NamedTuple):
@@ -542,7 +598,7 @@ def conditional_proposal(cells: CellBatch, idx, structure: Structure, config: Mo
     log_det = jnp.sum(jnp.log(jnp.diagonal(m_tril, axis1=-2, axis2=-1)), axis=-1)
 
     condition = cells.condition[idx]
-    state_mean = drift.means[condition]
+    state_mean = cell_means(drift, cells, idx)
     residual = observed - state_mean
     weighted = pseudo_precision * residual
     if state_tril.ndim == 2:
