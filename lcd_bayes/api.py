@@ -64,6 +64,13 @@ class Run:
         return list(self.record["conditions"])
 
     @property
+    def batches(self) -> list[str] | None:
+        """The batch names of ``obs[batch_key]`` the run was fitted with; None without batches (no
+        ``batch_key``, one batch, or a run folder written before batches were recorded)."""
+        batches = self.record.get("batches")
+        return None if batches is None else list(batches)
+
+    @property
     def losses(self) -> np.ndarray:
         """The negative ELBO at every SVI step."""
         return self.posterior["svi"]["loss"].values if "svi" in self.posterior.children else np.zeros(0)
@@ -111,16 +118,18 @@ class Run:
         return summary_to_table(summary)
 
     def predict(self, perturbations, *, n_cells: int = 100, n_draws: int = DEFAULT_CELL_DRAWS,
-                seed: int = 0, times=None) -> anndata.AnnData:
+                seed: int = 0, times=None, batch: str | None = None) -> anndata.AnnData:
         """Predicted cells of each condition in ``perturbations`` (``"A+B,C"`` or a list of
         labels: combinations of trained labels, or single perturbations of modelled genes), with
         per-gene expected expression and its 90% interval in ``varm``
         (``lcd_bayes.analysis.predict.predict_posterior``). ``times`` (``"0.1,1,5"`` or
         numbers): cells at those times after the perturbation switches on in control cells
-        (``obs["time"]``), and the mean trajectory's table in ``uns["lcd_bayes"]["trajectories"]``."""
+        (``obs["time"]``), and the mean trajectory's table in ``uns["lcd_bayes"]["trajectories"]``.
+        ``batch``: of a run fitted with a batch key, the batch to predict; by default the cells'
+        batches are drawn in proportion to the training cells' (``obs["batch"]``)."""
         name = str(self.folder.resolve()) if self.folder is not None else "in memory"
         return predict_posterior(self.posterior, self.config, self.record, perturbations, n_cells=n_cells,
-                                 n_draws=n_draws, seed=seed, run_name=name, times=times)
+                                 n_draws=n_draws, seed=seed, run_name=name, times=times, batch=batch)
 
     def calibrate(self, replicates: int = 3, *, seed: int = 0, progress: bool = True) -> pd.DataFrame:
         """How often CLIPR's 50% / 90% intervals hold the truth on ``replicates`` screens drawn from
@@ -202,7 +211,8 @@ def fit(adata: anndata.AnnData | str | Path, out: str | Path | None = None, **se
     ``perturbation_key``, ``control``, ``sep``, ``targets``, ``likelihood`` ("nb", "poisson",
     "gaussian"), ``layer``, ``genes``, ``n_top_genes``, ``gene_ranking`` ("response",
     "variance", "dispersion"), ``predict_targets`` (conditions to predict, whose targets join the
-    ``n_top_genes`` panel first), ``total_counts_key``, ``size_factor_key``, ``steps``, ``seed``,
+    ``n_top_genes`` panel first), ``total_counts_key``, ``size_factor_key``, ``batch_key`` (the obs
+    column of each cell's batch: lane, replicate, donor), ``steps``, ``seed``,
     ``refine`` ("auto", "laplace", "nuts", "none"), ``restart`` (discard an unfinished fit in ``out``),
     ``progress``. With ``n_top_genes`` pass the
     training cells only: the panel is ranked on every cell given.

@@ -98,6 +98,10 @@ def _add_fit(sub):
     p.add_argument("--size-factor-key", default=None,
                    help="obs column of library sizes for size factors (default: totals of the counts); "
                         "`simulate` writes 'size_factor'")
+    p.add_argument("--batch-key", default=None, metavar="COLUMN",
+                   help="obs column of each cell's batch (10x lane, replicate, donor): fits a technical scale per "
+                        "batch and gene and a shift of the basal drift per batch, pooled across batches "
+                        "(default: the config's, none)")
     p.add_argument("--refine", choices=REFINEMENTS, default=None,
                    help="after SVI, replace the guide's too narrow draws: 'laplace' by the Laplace approximation "
                         "near the guide's mean (seconds to minutes at 20 genes; calibrates both likelihoods), "
@@ -124,7 +128,7 @@ def _fit(args):
         sep=args.sep, targets=args.targets, likelihood=args.likelihood, layer=args.layer, steps=args.steps,
         seed=args.seed, n_top_genes=args.n_top_genes, gene_ranking=args.gene_ranking,
         predict_targets=args.predict_targets, total_counts_key=args.total_counts_key,
-        size_factor_key=args.size_factor_key, refine=args.refine,
+        size_factor_key=args.size_factor_key, batch_key=args.batch_key, refine=args.refine,
     )
     _load_jax()
     from .api import fit
@@ -314,6 +318,9 @@ def _add_predict(sub):
                    help="time course: cells at these times (model units, >= 0) after the "
                         "perturbation switches on in control cells, and the mean trajectory with 90%% "
                         "intervals in OUT_trajectories.csv and OUT_trajectories.png")
+    p.add_argument("--batch", default=None,
+                   help="for a run fitted with --batch-key: predict cells of this batch (default: each cell's "
+                        "batch drawn in proportion to the training cells')")
     p.add_argument("--out", default=None, help="output .h5ad (default: RUN/predictions.h5ad)")
     p.set_defaults(func=_predict)
 
@@ -330,7 +337,7 @@ def _predict(args):
     from .api import load
 
     adata = load(args.run).predict(args.perturbations, n_cells=args.cells, n_draws=args.draws, seed=args.seed,
-                                   times=args.times)
+                                   times=args.times, batch=args.batch)
     _write_prediction(adata, out, start)
     if args.times is not None:
         from .analysis.predict import trajectory_table

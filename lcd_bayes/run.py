@@ -64,9 +64,10 @@ def library_summary(data: PerturbationData, library: str) -> str:
 
 def _fingerprint(data: PerturbationData, config: RunConfig) -> str:
     """What a checkpoint must match to be resumed: the settings and every array the fit sees (the
-    size factors too: other library sizes are other data)."""
+    size factors too: other library sizes are other data; and the cells' batches, when there are)."""
     digest = hashlib.sha256(config.to_toml().encode())
-    for array in (data.counts, data.size_factor, data.condition, data.design, data.targets):
+    arrays = (data.counts, data.size_factor, data.condition, data.design, data.targets)
+    for array in arrays + (() if data.batch is None else (data.batch,)):
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -90,6 +91,7 @@ def fit(
     predict_targets: list[str] | str | None = None,
     total_counts_key: str | None = None,
     size_factor_key: str | None = None,
+    batch_key: str | None = None,
     refine: str | None = None,
     restart: bool = False,
     progress: bool = True,
@@ -104,9 +106,11 @@ def fit(
     configuration's name (``lcd_linear``, the default, or ``lcd_nonlinear``). Arguments left as
     ``None`` take the configuration's values: ``perturbation_key``, ``control``, ``sep``,
     ``targets``, ``layer``, ``genes``, ``n_top_genes``, ``gene_ranking``, ``predict_targets``,
-    ``total_counts_key`` and ``size_factor_key`` its ``[data]`` section (defaults
+    ``total_counts_key``, ``size_factor_key`` and ``batch_key`` its ``[data]`` section (defaults
     ``"condition"``, ``"ctrl"``, ``"+"``, ranking ``"response"``, the rest unset; see
-    ``lcd_bayes.io.screen.load_perturbation_data``), the others ``[model]`` and ``[fit]``. With
+    ``lcd_bayes.io.screen.load_perturbation_data``), the others ``[model]`` and ``[fit]``.
+    ``batch_key`` names the obs column of each cell's batch (10x lane, replicate, donor): the model
+    then fits batch effects, pooled across batches. With
     ``n_top_genes`` pass the training cells only: the panel is ranked on every cell of ``adata``;
     ``predict_targets`` (``"A+B,C"`` or a list) names the conditions to predict, whose targets
     join the panel first. The settings used are recorded in the returned (and written) configuration.
@@ -122,7 +126,8 @@ def fit(
         "perturbation_key": perturbation_key, "control": control, "sep": sep, "targets": targets,
         "likelihood": likelihood, "layer": layer, "steps": steps, "seed": seed, "genes": genes,
         "n_top_genes": n_top_genes, "gene_ranking": gene_ranking, "predict_targets": predict_targets,
-        "total_counts_key": total_counts_key, "size_factor_key": size_factor_key, "refine": refine,
+        "total_counts_key": total_counts_key, "size_factor_key": size_factor_key, "batch_key": batch_key,
+        "refine": refine,
     }
     if isinstance(adata, FitInputs):
         inputs = adata
@@ -233,7 +238,7 @@ def _finish(result: FitResult, inference, data: PerturbationData, structure: Str
             attrs["log_likelihood"] = (f"not computed: cells x genes x cell_particles = {size:.3g} floats per draw, "
                                        f"more than {LOG_LIKELIHOOD_MAX_SIZE:.0e}")
     tree = to_datatree(
-        draws, Coords(data.genes, data.conditions, data.perturbations), losses=result.losses,
+        draws, Coords(data.genes, data.conditions, data.perturbations, data.batches), losses=result.losses,
         attrs={"config": run_config.to_toml(), "converged": int(result.converged),
                "fit_seconds": result.seconds, "compile_seconds": result.compile_seconds, "n_cells": data.n_cells,
                **attrs},

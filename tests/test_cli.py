@@ -43,6 +43,23 @@ def test_gene_panel_options_reach_the_fit(monkeypatch, tmp_path):
     assert (seen["n_top_genes"], seen["gene_ranking"], seen["predict_targets"]) == (50, "dispersion", "A+B,C")
 
 
+def test_batch_key_reaches_the_fit(monkeypatch, tmp_path):
+    import lcd_bayes.api
+    import lcd_bayes.cli
+    import lcd_bayes.io.fit_inputs
+
+    parser = build_parser()
+    assert "--batch-key COLUMN" in parser._subparsers._group_actions[0].choices["fit"].format_help()
+    assert parser.parse_args(["fit", "x.h5ad", "--out", "r", "--batch-key", "lane"]).batch_key == "lane"
+    assert parser.parse_args(["fit", "x.h5ad", "--out", "r"]).batch_key is None  # the config's (none)
+    seen = {}
+    monkeypatch.setattr(lcd_bayes.io.fit_inputs, "fit_inputs", lambda data, out, **settings: seen.update(settings))
+    monkeypatch.setattr(lcd_bayes.api, "fit", lambda inputs, **settings: None)
+    monkeypatch.setattr(lcd_bayes.cli, "_print_fit", lambda run: None)
+    assert main(["fit", "x.h5ad", "--out", str(tmp_path / "r"), "--batch-key", "lane"]) == 0
+    assert seen["batch_key"] == "lane"
+
+
 def test_refine_is_a_fit_and_demo_choice():
     parser = build_parser()
     assert parser.parse_args(["fit", "x.h5ad", "--out", "r", "--refine", "laplace"]).refine == "laplace"

@@ -373,3 +373,38 @@ def test_size_factors_from_an_obs_column_of_library_sizes():
     adata.obs.loc[adata.obs_names[0], "library"] = 0.0
     with pytest.raises(DataError, match="positive number for every cell"):
         load_perturbation_data(adata, size_factor_key="library")
+
+
+def test_batches_read_as_sorted_names_and_codes():
+    # Lanes written as numbers are names: "10" sorts before "2".
+    lanes = np.array(["2", "10", "2", "7"] * 5)
+    adata = make_adata(lane=lanes.astype(int))
+    data = load_perturbation_data(adata, batch_key="lane")
+    assert data.batches == ("10", "2", "7") and data.n_batches == 3 and data.batch_key == "lane"
+    assert data.batch.dtype == np.int32 and data.batch.shape == (20,)
+    np.testing.assert_array_equal(np.asarray(data.batches)[data.batch], lanes)
+    assert "3 batches from obs['lane']: cells per batch 5-10" in summarize(data)
+    unbatched = load_perturbation_data(adata)
+    assert (unbatched.batch, unbatched.batches, unbatched.batch_key, unbatched.n_batches) == (None, None, None, 1)
+    assert "batches" not in summarize(unbatched)
+
+
+def test_missing_batch_column_suggests_a_close_name():
+    adata = make_adata(batch=["b1", "b2"] * 10)
+    with pytest.raises(DataError, match=r"batch_key 'Batch' is not a column of adata.obs \(did you mean 'batch'\?\)"):
+        load_perturbation_data(adata, batch_key="Batch")
+
+
+def test_cells_without_a_batch_are_an_error():
+    batches = np.array(["b1", "b2"] * 10, dtype=object)
+    batches[3], batches[8] = None, np.nan
+    adata = make_adata(batch=batches)
+    with pytest.raises(DataError, match=r"obs\['batch'\] has 2 cells without a batch \(e.g. 'cell3', 'cell8'\)"):
+        load_perturbation_data(adata, batch_key="batch")
+
+
+def test_one_batch_warns_and_fits_none():
+    adata = make_adata(batch=["lane1"] * 20)
+    with pytest.warns(LcdBayesWarning, match="one batch: no batch effects are fitted"):
+        data = load_perturbation_data(adata, batch_key="batch")
+    assert (data.batch, data.batches, data.n_batches) == (None, None, 1)

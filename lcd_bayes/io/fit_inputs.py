@@ -38,6 +38,7 @@ def read_screen(adata: anndata.AnnData, config: RunConfig) -> PerturbationData:
         predict_targets=None if reading.predict_targets is None else list(reading.predict_targets),
         continuous=config.model.likelihood == "gaussian",
         total_counts_key=reading.total_counts_key, size_factor_key=reading.size_factor_key,
+        batch_key=reading.batch_key,
     )
 
 

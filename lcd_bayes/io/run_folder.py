@@ -54,9 +54,10 @@ def read_h5ad(path: str | Path) -> anndata.AnnData:
 
 def data_record(data: PerturbationData) -> dict:
     """What ``data.json`` records of how the data were read (keys, labels, genes, conditions,
-    targets, library sizes)."""
+    targets, library sizes and, when there are batches, ``batch_key``, ``batches`` and
+    ``cells_per_batch``; a run folder without them was fitted without batches)."""
     control = data.condition == 0
-    return {
+    record = {
         "perturbation_key": data.perturbation_key, "control": data.control, "sep": data.sep,
         "is_counts": data.is_counts, "genes": list(data.genes), "conditions": list(data.conditions),
         "perturbations": list(data.perturbations),
@@ -67,6 +68,10 @@ def data_record(data: PerturbationData) -> dict:
         "control_size_factor_log_mean": float(np.mean(np.log(data.size_factor[control]))) if data.is_counts else 0.0,
         "control_size_factor_log_sd": float(np.std(np.log(data.size_factor[control]))) if data.is_counts else 0.0,
     }
+    if data.batches is not None:
+        record.update(batch_key=data.batch_key, batches=list(data.batches),
+                      cells_per_batch=np.bincount(data.batch, minlength=data.n_batches).tolist())
+    return record
 
 
 class IncompleteRunError(FileNotFoundError):

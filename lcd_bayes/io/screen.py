@@ -736,6 +736,41 @@ def _positive_obs_column(adata, key: str, argument: str) -> np.ndarray:
     return values
 
 
+def _read_batches(adata, batch_key) -> tuple[np.ndarray | None, tuple[str, ...] | None]:
+    """Each cell's index into the sorted batch names of ``obs[batch_key]``, and those names; both
+    None, with a warning, when every cell is in one batch."""
+    if not isinstance(batch_key, str) or not batch_key:
+        raise DataError(f"batch_key must be the name of an obs column (a non-empty string), got {batch_key!r}.")
+    columns = [str(c) for c in adata.obs.columns]
+    if batch_key not in columns:
+        raise DataError(
+            f"batch_key {batch_key!r} is not a column of adata.obs{_close(batch_key, columns)} (columns: "
+            f"{few(columns, 20)}). Pass batch_key= (CLI --batch-key) naming the column that holds each cell's "
+            "batch (10x lane, replicate, donor), or leave it out to fit without batch effects."
+        )
+    column = adata.obs[batch_key]
+    names = np.asarray(column.astype(str).to_numpy(), dtype=str)
+    # A blank name is a batch nobody named: as unusable as a missing one.
+    missing = column.isna().to_numpy() | (np.char.strip(names) == "")
+    if missing.any():
+        raise DataError(
+            f"obs[{batch_key!r}] has {int(missing.sum())} cells without a batch (e.g. "
+            f"{few(adata.obs_names[missing][:3])}); every cell needs one. Drop them (adata = "
+            f"adata[adata.obs[{batch_key!r}].notna()].copy()) or give them a batch name of their own."
+        )
+    batches, batch = np.unique(names, return_inverse=True)
+    if batches.size == 1:
+        # One batch has no batch effects to tell from the cells' own variation.
+        warnings.warn(
+            f"every cell of obs[{batch_key!r}] is in batch {str(batches[0])!r}, so there is one batch: no batch "
+            "effects are fitted.",
+            LcdBayesWarning,
+            stacklevel=3,
+        )
+        return None, None
+    return batch.astype(np.int32), tuple(str(name) for name in batches)
+
+
 # --------------------------------------------------------------------------- public loader
 
 
@@ -754,6 +789,7 @@ def load_perturbation_data(
     continuous: bool = False,
     total_counts_key: str | None = None,
     size_factor_key: str | None = None,
+    batch_key: str | None = None,
     target_sum: float = 1e4,
     min_cells_per_condition: int = 2,
     min_genes: int = 2,
@@ -803,6 +839,11 @@ def load_perturbation_data(
         obs column of library sizes (or size factors) to use instead of the modelled counts'
         totals: when only a small panel of genes is modelled, its totals move with the
         perturbations themselves and would absorb part of their effect.
+    batch_key : str, optional
+        obs column of each cell's batch (10x lane, replicate, donor); its values are read as
+        strings. The model (linear drift) fits a technical scale per batch and gene and a shift of
+        the basal drift per batch, pooled across batches. A column holding one value fits no batch effects
+        (with a warning).
     target_sum : float
         Normalization total used to make X (scanpy's ``normalize_total(target_sum=...)``).
     min_cells_per_condition : int
@@ -813,6 +854,8 @@ def load_perturbation_data(
     Returns
     -------
     PerturbationData
+        ``batch_key`` as given; ``batch`` (each cell's index into ``batches``, the sorted batch
+        names) and ``batches`` when its column holds two or more batches, None otherwise.
 
     Raises
     ------
@@ -827,7 +870,8 @@ def load_perturbation_data(
         When selected genes have zero counts in every cell (they are left out of the model:
         effects into a gene never observed are not data), a target of the mapping or of
         ``predict_targets`` exists but is not among ``genes``, ``n_top_genes`` leaves out
-        targets, or the log-normalized conversion lands far from whole numbers.
+        targets, the log-normalized conversion lands far from whole numbers, or
+        ``obs[batch_key]`` holds one batch.
 
     Notes
     -----
@@ -880,6 +924,7 @@ def load_perturbation_data(
     condition, conditions, condition_parts = _parse_labels(
         adata, perturbation_key, control, sep, min_cells_per_condition
     )
+    batch, batches = (None, None) if batch_key is None else _read_batches(adata, batch_key)
     perturbations = tuple(sorted({label for parts in condition_parts for label in parts}))
 
     mapping = {}
@@ -996,7 +1041,6 @@ def load_perturbation_data(
         for label in parts:
             design[row, label_column[label]] = 1.0
 
-
     return PerturbationData(
         counts=counts,
         size_factor=size_factor.astype(np.float32),
@@ -1011,6 +1055,9 @@ def load_perturbation_data(
         control=control,
         sep=sep,
         library_genes=library_genes,
+        batch=batch,
+        batches=batches,
+        batch_key=batch_key,
     )
 
 
@@ -1034,14 +1081,17 @@ def summarize(data: PerturbationData) -> str:
     others = data.n_perturbations - len(targeted)
     kind = "counts" if data.is_counts else "continuous values"
     combos = f"{doubles} doubles" + (f", {higher} higher-order" if higher else "")
-    return "\n".join(
-        [
-            f"{data.n_cells} cells x {data.n_genes} genes ({kind})",
-            f"{data.n_conditions} conditions: control {data.control!r} ({cells[0]} cells), "
-            f"{singles} singles, {combos}; cells per condition {cells.min()}-{cells.max()}",
-            f"{data.n_perturbations} perturbation labels from obs[{data.perturbation_key!r}] (sep {data.sep!r})",
-            f"{len(targeted)} of {data.n_perturbations} labels have a modelled target"
-            + (f" ({few(targeted, 10)})" if targeted else "")
-            + (f"; the other {others} are modelled through off-target shifts" if others else ""),
-        ]
-    )
+    lines = [
+        f"{data.n_cells} cells x {data.n_genes} genes ({kind})",
+        f"{data.n_conditions} conditions: control {data.control!r} ({cells[0]} cells), "
+        f"{singles} singles, {combos}; cells per condition {cells.min()}-{cells.max()}",
+        f"{data.n_perturbations} perturbation labels from obs[{data.perturbation_key!r}] (sep {data.sep!r})",
+        f"{len(targeted)} of {data.n_perturbations} labels have a modelled target"
+        + (f" ({few(targeted, 10)})" if targeted else "")
+        + (f"; the other {others} are modelled through off-target shifts" if others else ""),
+    ]
+    if data.batches is not None:
+        per_batch = np.bincount(data.batch, minlength=data.n_batches)
+        lines.append(f"{data.n_batches} batches from obs[{data.batch_key!r}]: cells per batch "
+                     f"{per_batch.min()}-{per_batch.max()}")
+    return "\n".join(lines)
