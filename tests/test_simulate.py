@@ -225,6 +225,124 @@ def test_expected_counts_follow_the_link(link):
     assert ("link" in adata.uns["lcd_simulation"]) == (link != "softplus")
 
 
+# --- batches -----------------------------------------------------------------
+
+
+def test_one_batch_is_the_screen_without_batches():
+    kwargs = dict(n_genes=5, n_doubles=2, cells_per_condition=10, seed=2)
+    before = simulate(**kwargs)
+    one = simulate(**kwargs, n_batches=1, batch_scale_sd=0.7, batch_basal_sd=0.5)
+    np.testing.assert_array_equal(one.X, before.X)
+    np.testing.assert_array_equal(one.layers["counts"], before.layers["counts"])
+    assert list(one.obs.columns) == list(before.obs.columns) and "batch" not in one.obs
+    assert one.uns["lcd_simulation"].keys() == before.uns["lcd_simulation"].keys()
+    assert truth_from_uns(one).keys() == truth_from_uns(before).keys()
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "gaussian"])
+def test_batches_without_effects_leave_the_cells_unchanged(likelihood):
+    # The batches draw from their own stream: only the effects move the cells.
+    kwargs = dict(n_genes=5, cells_per_condition=10, likelihood=likelihood, seed=1)
+    np.testing.assert_array_equal(simulate(**kwargs, n_batches=3).X, simulate(**kwargs).X)
+
+
+def test_batches_are_recorded_and_reproducible(tmp_path):
+    adata = simulate(5, n_perturbed=2, cells_per_condition=30, n_batches=3, batch_scale_sd=0.3,
+                     batch_basal_sd=0.5, seed=4)
+    assert list(adata.obs["batch"].cat.categories) == ["batch0", "batch1", "batch2"]
+    assert set(adata.obs["batch"]) == {"batch0", "batch1", "batch2"}
+    recorded = adata.uns["lcd_simulation"]
+    assert (recorded["n_batches"], recorded["batch_scale_sd"], recorded["batch_basal_sd"]) == (3, 0.3, 0.5)
+    truth = truth_from_uns(adata)
+    assert truth["batches"] == ["batch0", "batch1", "batch2"]
+    for key in ("batch_basal_shift", "batch_mean_shift", "batch_log_scale"):
+        assert truth[key].shape == (3, 5), key
+    np.testing.assert_allclose(truth["drift"] @ truth["batch_mean_shift"].T + truth["batch_basal_shift"].T, 0,
+                               atol=1e-10)
+    # condition_mean stays the batch-free stationary mean.
+    np.testing.assert_allclose(truth["drift"] @ truth["control_mean"] + truth["basal_drift"], 0, atol=1e-10)
+    path = tmp_path / "batches.h5ad"
+    adata.write_h5ad(path)
+    loaded = anndata.read_h5ad(path)
+    again = simulate(**loaded.uns["lcd_simulation"])
+    np.testing.assert_array_equal(again.X, adata.X)
+    assert list(again.obs["batch"]) == list(adata.obs["batch"])
+    np.testing.assert_array_equal(truth_from_uns(loaded)["batch_mean_shift"], truth["batch_mean_shift"])
+    assert truth_from_uns(loaded)["batches"] == truth["batches"]
+    other = simulate(**{**recorded, "seed": 5})
+    assert list(other.obs["batch"]) != list(adata.obs["batch"])
+
+
+def test_basal_shift_is_in_units_of_each_genes_own_response():
+    kwargs = dict(n_genes=5, cells_per_condition=2, likelihood="gaussian", n_batches=2, seed=3)
+    unit = truth_from_uns(simulate(**kwargs, batch_basal_sd=1.0))
+    half = truth_from_uns(simulate(**kwargs, batch_basal_sd=0.5))
+    relative = unit["batch_basal_shift"] / unit["decay"]
+    np.testing.assert_allclose(half["batch_basal_shift"], 0.5 * unit["batch_basal_shift"])
+    assert np.all(np.abs(relative) < 5.0) and np.std(relative) > 0.3
+
+
+def test_batch_means_are_the_shifted_stationary_means():
+    n = 3000
+    noise_sd = 0.05
+    adata = simulate(4, n_perturbed=1, cells_per_condition=n, likelihood="gaussian", noise_sd=noise_sd,
+                     n_batches=3, batch_basal_sd=1.0, batch_scale_sd=0.5, seed=6)
+    truth = truth_from_uns(adata)
+    assert np.all(np.abs(truth["batch_mean_shift"]) > 0) and np.all(np.abs(truth["batch_log_scale"]) > 0)
+    sd = np.sqrt(np.diag(truth["covariance"]) + noise_sd**2)
+    for q, label in enumerate(truth["conditions"]):
+        for b, batch in enumerate(truth["batches"]):
+            rows = _condition_rows(adata, label) & np.asarray(adata.obs["batch"] == batch)
+            expected = truth["condition_mean"][q] + truth["batch_mean_shift"][b] + truth["batch_log_scale"][b]
+            mean = np.asarray(adata.X[rows], dtype=float).mean(0)
+            assert np.all(np.abs(mean - expected) < 5 * sd / np.sqrt(rows.sum())), (label, batch)
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_batch_scale_multiplies_the_counts(likelihood):
+    adata = simulate(4, n_perturbed=1, cells_per_condition=6000, likelihood=likelihood, size_factor_sd=0.0,
+                     n_batches=2, batch_scale_sd=0.5, seed=7)
+    truth = truth_from_uns(adata)
+    counts = adata.layers["counts"].astype(float)
+    ctrl = _condition_rows(adata, "ctrl")
+    means, variances, sizes = [], [], []
+    for batch in truth["batches"]:
+        block = counts[ctrl & np.asarray(adata.obs["batch"] == batch)]
+        means.append(block.mean(0)), variances.append(block.var(0)), sizes.append(len(block))
+    # Delta method: the standard error of the log ratio of two independent means.
+    standard_error = np.sqrt(sum(v / (n * m**2) for m, v, n in zip(means, variances, sizes)))
+    log_ratio = np.log(means[1] / means[0])
+    expected = truth["batch_log_scale"][1] - truth["batch_log_scale"][0]
+    assert np.max(np.abs(expected) / standard_error) > 20  # the effect is visible at this size
+    assert np.all(np.abs(log_ratio - expected) < 5 * standard_error)
+
+
+@pytest.mark.parametrize("kwargs", [dict(drift="nonlinear"), dict(times=[0.5])])
+def test_batches_need_a_linear_stationary_screen(kwargs):
+    with pytest.raises(ValueError, match="not supported"):
+        simulate(4, cells_per_condition=2, n_batches=2, **kwargs)
+
+
+def test_the_independent_screens_batches():
+    from independent_screen import independent_screen
+
+    kwargs = dict(n_genes=5, cells_per_condition=4000, seed=1)
+    plain = independent_screen(**kwargs)
+    same = independent_screen(**kwargs, n_batches=3, batch_sds=0.0, batch_scale_sd=0.0)
+    np.testing.assert_array_equal(same.X, plain.X)  # the batches draw from a stream of their own
+    assert "batch" not in plain.obs
+    adata = independent_screen(**kwargs, n_batches=2)
+    truth = adata.uns["independent_truth"]
+    ctrl = np.asarray(adata.obs["perturbation"] == "control")
+    reference = np.asarray(plain.X[ctrl], dtype=float)
+    for b, batch in enumerate(["batch0", "batch1"]):
+        rows = ctrl & np.asarray(adata.obs["batch"] == batch)
+        assert rows.sum() == 2000  # every condition is dealt evenly over the batches
+        # Same cells as the plain screen, moved by the batch's mean shift and offset (Gaussian).
+        moved = np.asarray(adata.X[rows], dtype=float).mean(0) - reference[rows[ctrl]].mean(0)
+        np.testing.assert_allclose(moved, truth["batch_mean_shift"][b] + truth["batch_log_scale"][b], atol=1e-4)
+
+
 # --- storage -----------------------------------------------------------------
 
 
@@ -281,6 +399,10 @@ def test_truth_from_uns_without_truth():
         (dict(shift_range=(1.0,)), "shift_range"),
         (dict(margin=0.0), "margin"),
         (dict(noise_sd=-1.0), "noise_sd"),
+        (dict(n_batches=0), "n_batches"),
+        (dict(n_batches=2.0), "n_batches"),
+        (dict(n_batches=2, batch_scale_sd=-0.1), "batch_scale_sd"),
+        (dict(n_batches=2, batch_basal_sd=float("nan")), "batch_basal_sd"),
     ],
 )
 def test_argument_validation(kwargs, match):

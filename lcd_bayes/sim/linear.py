@@ -24,6 +24,15 @@ the given times by the exact Ornstein–Uhlenbeck transition (``ou_transition``;
 ``simulate(..., drift="nonlinear")`` draws the latent states from the contracting nonlinear
 diffusion of :mod:`lcd_bayes.sim.nonlinear` instead (saturating regulation, so double
 perturbations interact), with the same graph protocol, design and observation models.
+
+``simulate(..., n_batches=B)`` spreads the cells at random over ``B`` batches (10x lanes,
+replicates) with a biological and a technical effect each (linear stationary screens only). A
+batch ``b`` shifts the basal drift by ``delta_b = D z_b``, ``z_b ~ N(0, batch_basal_sd^2)`` per
+gene and ``D`` the genes' decays (``-diag(A)``), as the model writes basal drift and shifts as
+``D * relative``: ``batch_basal_sd`` is in latent units of a gene's own response before the graph
+propagates it. Its cells' stationary mean is ``mu_q - A^{-1} delta_b`` (the covariance does not
+change). Technically, a batch multiplies each gene's count scale by ``exp(N(0, batch_scale_sd^2))``
+(count likelihoods), or adds ``N(0, batch_scale_sd^2)`` per gene to the observed values (Gaussian).
 """
 from __future__ import annotations
 
@@ -357,6 +366,7 @@ def _observe_counts(
     mean_count: float,
     size_factor_sd: float,
     rng: np.random.Generator,
+    log_scale_offset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Negative-binomial or Poisson counts of latent states.
 
@@ -369,6 +379,8 @@ def _observe_counts(
     mean_count, size_factor_sd : float
         Median gene scale and log-sd of the size factors.
     rng : numpy.random.Generator
+    log_scale_offset : numpy.ndarray, shape (cells, genes), optional
+        Added to each cell's log gene scales (its batch's technical effect); None: no offset.
 
     Returns
     -------
@@ -384,6 +396,8 @@ def _observe_counts(
     concentration = rng.lognormal(_CONCENTRATION_LOG_MEAN, _CONCENTRATION_LOG_SD, size=d)
     rate = _softplus(latent) if link == "softplus" else np.exp(latent)
     mean = size_factor[:, None] * rate * gene_scale[None, :]
+    if log_scale_offset is not None:
+        mean = mean * np.exp(log_scale_offset)
     if likelihood == "nb":
         # Gamma-Poisson mixture: mean m, variance m + m^2 / phi.
         rate = rng.gamma(shape=concentration[None, :], scale=mean / concentration[None, :])
@@ -513,6 +527,9 @@ def simulate(
     drift: str = "linear",
     saturation: float = 1.0,
     times=None,
+    n_batches: int = 1,
+    batch_scale_sd: float = 0.0,
+    batch_basal_sd: float = 0.0,
 ) -> anndata.AnnData:
     """Simulate a perturbation screen from a random latent causal diffusion.
 
@@ -571,6 +588,20 @@ def simulate(
         (``ou_transition``) for the linear drift, by Euler–Maruyama (``nonlinear.forward_cells``)
         for the nonlinear one; ``obs["time"]`` holds each cell's time. Without it (default) cells
         are at the stationary state.
+    n_batches : int
+        Batches (10x lanes, replicates) that the cells are spread over uniformly at random
+        (default 1: no batches, and the batch sds are ignored). More than one batch needs the
+        linear drift at the stationary state (neither ``drift="nonlinear"`` nor ``times``).
+    batch_scale_sd : float
+        Technical batch effect: each batch multiplies each gene's scale ``u_g`` by
+        ``exp(N(0, batch_scale_sd^2))`` (count likelihoods), or adds ``N(0, batch_scale_sd^2)``
+        to each gene's observed values (Gaussian); default 0.
+    batch_basal_sd : float
+        Biological batch effect: each batch shifts the basal drift by ``delta_b = D z_b``,
+        ``z_b ~ N(0, batch_basal_sd^2)`` per gene, ``D`` the genes' decays ``-diag(A)`` (the
+        model's ``D * relative``), so ``batch_basal_sd`` is in latent units of a gene's own
+        response before the graph propagates it. The batch's cells are stationary around
+        ``mu_q - A^{-1} delta_b`` with the same covariance; default 0.
 
     Returns
     -------
@@ -585,6 +616,17 @@ def simulate(
         For ``drift="nonlinear"`` the truth's ``drift`` is the Jacobian of the drift at the
         control fixed point and ``effect`` its transpose with zero diagonal (the linearised
         causal effects); see :func:`truth_from_uns` for the extra keys.
+        With ``n_batches > 1``: ``obs["batch"]`` (categorical, ``"batch0"``, ``"batch1"``, ...) and
+        the truth's ``batches`` (the names), ``batch_basal_shift`` (batches, genes; the
+        ``delta_b``, drift units), ``batch_mean_shift`` (batches, genes; ``-A^{-1} delta_b``) and
+        ``batch_log_scale`` (batches, genes; the technical log scale factors, for Gaussian the
+        additive offsets). ``condition_mean`` stays the batch-free mean; the batch arguments are
+        recorded in ``uns["lcd_simulation"]`` only then.
+
+    Raises
+    ------
+    ValueError
+        For an invalid argument, or ``n_batches > 1`` with ``drift="nonlinear"`` or ``times``.
     """
     d = _as_int("n_genes", n_genes, 2)
     n_single = _resolve_n_perturbed(n_perturbed, d)
@@ -621,10 +663,20 @@ def simulate(
         # Record a concrete seed so that the run can still be reproduced.
         seed = int(np.random.default_rng().integers(2**62))
     seed = _as_int("seed", seed, 0)
+    n_batches = _as_int("n_batches", n_batches, 1)
+    batch_scale_sd = _as_float("batch_scale_sd", batch_scale_sd)
+    batch_basal_sd = _as_float("batch_basal_sd", batch_basal_sd)
+    if n_batches > 1 and (drift != "linear" or times is not None):
+        raise ValueError(
+            f"n_batches={n_batches} is not supported with "
+            f"{'drift=' + repr(drift) if drift != 'linear' else 'times'}: batches are simulated for "
+            "linear stationary screens only (drift='linear', times=None)"
+        )
 
     # Independent streams per stage: changing the design or the likelihood
-    # leaves the graph (and, where possible, the latent draws) unchanged.
-    rng_system, rng_design, rng_cells, rng_obs = np.random.default_rng(seed).spawn(4)
+    # leaves the graph (and, where possible, the latent draws) unchanged. The fifth (batches) is
+    # spawned after the other four, which it therefore leaves as they were.
+    rng_system, rng_design, rng_cells, rng_obs, rng_batch = np.random.default_rng(seed).spawn(5)
     gene_names = [f"G{g}" for g in range(d)]
     if drift == "nonlinear":
         perturbations, shift, conditions, condition_shift = _draw_design(
@@ -695,18 +747,39 @@ def simulate(
             truth["trajectory_mean"] = condition_mean[:, None, :] + np.einsum(
                 "tij,qj->qti", propagators, condition_mean[0] - condition_mean)
 
+    batch_index = None
+    if n_batches > 1:
+        # Everything is drawn whatever the sds, so that an sd changes only its own effect.
+        batch_index = rng_batch.integers(n_batches, size=condition_index.size)
+        basal_shift = truth["decay"] * (batch_basal_sd * rng_batch.standard_normal((n_batches, d)))
+        log_scale = batch_scale_sd * rng_batch.standard_normal((n_batches, d))
+        mean_shift = np.linalg.solve(system.drift, -basal_shift.T).T
+        latent = latent + mean_shift[batch_index]
+        truth.update(
+            batches=[f"batch{b}" for b in range(n_batches)],
+            batch_basal_shift=basal_shift,
+            batch_mean_shift=mean_shift,
+            batch_log_scale=log_scale,
+        )
+
     obs = pd.DataFrame(
         {"condition": pd.Categorical.from_codes(condition_index, categories=conditions)},
         index=[f"cell{i}" for i in range(condition_index.size)],
     )
     if times is not None:
         obs["time"] = np.tile(np.repeat(times, n_cells), len(conditions))
+    if batch_index is not None:
+        obs["batch"] = pd.Categorical.from_codes(batch_index, categories=truth["batches"])
     var = pd.DataFrame(index=gene_names)
     layers = {}
     if likelihood == "gaussian":
         X = latent + noise_sd * rng_obs.standard_normal(latent.shape)
+        if batch_index is not None:
+            X = X + truth["batch_log_scale"][batch_index]
     else:
-        counts, params = _observe_counts(latent, likelihood, link, mean_count, size_factor_sd, rng_obs)
+        offset = None if batch_index is None else truth["batch_log_scale"][batch_index]
+        counts, params = _observe_counts(latent, likelihood, link, mean_count, size_factor_sd, rng_obs,
+                                         log_scale_offset=offset)
         X = counts
         layers["counts"] = counts
         obs[LIBRARY_SIZE_KEY] = params["size_factor"]
@@ -739,6 +812,9 @@ def simulate(
         arguments.update(link=link)  # likewise: softplus runs record what they always did
     if times is not None:
         arguments.update(times=times)
+    if n_batches > 1:
+        # Likewise: single-batch runs record what they always did.
+        arguments.update(n_batches=n_batches, batch_scale_sd=batch_scale_sd, batch_basal_sd=batch_basal_sd)
     # h5ad cannot store None; omitting it makes simulate(**arguments) use the default.
     arguments = {key: value for key, value in arguments.items() if value is not None}
 
@@ -755,7 +831,7 @@ def simulate(
 # Reading the truth back
 # ---------------------------------------------------------------------------
 
-_LABEL_KEYS = ("perturbations", "conditions")
+_LABEL_KEYS = ("perturbations", "conditions", "batches")
 
 
 def _to_python(value: Any) -> Any:
@@ -805,6 +881,12 @@ def truth_from_uns(adata: anndata.AnnData) -> dict[str, Any]:
         data estimates), ``condition_mean`` / ``control_mean`` / ``covariance`` are
         Monte-Carlo moments of the simulated latent cells.
 
+        Data made with ``n_batches > 1`` also have ``batches`` (the batch names of
+        ``obs["batch"]``), ``batch_basal_shift`` (B, d; each batch's basal drift shift
+        ``delta_b``), ``batch_mean_shift`` (B, d; ``-A^{-1} delta_b``, added to the stationary
+        mean of the batch's cells) and ``batch_log_scale`` (B, d; the technical log gene-scale
+        factors, for Gaussian data the additive offsets); ``condition_mean`` is batch-free.
+
     Raises
     ------
     ValueError
@@ -820,7 +902,8 @@ def truth_from_uns(adata: anndata.AnnData) -> dict[str, Any]:
         if key in truth and not isinstance(truth[key], list):
             truth[key] = [str(truth[key])]
     d = np.asarray(truth["drift"]).shape[0] if "drift" in truth else None
-    for key in ("shift", "nonadditivity", "fixed_point"):
+    for key in ("shift", "nonadditivity", "fixed_point", "batch_basal_shift", "batch_mean_shift",
+                "batch_log_scale"):
         if key in truth and d is not None:
             truth[key] = np.asarray(truth[key], dtype=float).reshape(-1, d)
     return truth
