@@ -124,11 +124,14 @@ def test_gasperini(tmp_path, monkeypatch):
     labels = adata.obs["condition"].astype(str).replace({"ctrl": "control"}).to_numpy()
     labels[:3], labels[3:5] = "untracked", "G0+G1"
     adata.obs["condition"] = labels
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2, "b1", "b2")
     adata.var["is_tss_target"] = np.arange(adata.n_vars) < 3
     adata.write_h5ad(tmp_path / "screen.h5ad")
     run_script("gasperini", "--data", str(tmp_path / "screen.h5ad"), "--genes", "5", "--held-out", "G0",
-               "--config", tiny_config(tmp_path), "--out", "out.json", cwd=tmp_path, monkeypatch=monkeypatch)
+               "--batch-key", "batch", "--config", tiny_config(tmp_path), "--out", "out.json", cwd=tmp_path,
+               monkeypatch=monkeypatch)
     results = json.loads((tmp_path / "out.json").read_text())
+    assert results["all"]["batches"]["batch_scale_sd"] > 0
     assert results["cells"] == adata.n_obs - 5 and results["targets"] == ["G0", "G1", "G2"]
     assert set(results["all"]["knockdowns"]) == {"G0", "G1", "G2"}
     assert all(0 <= k["prob_negative"] <= 1 for k in results["all"]["knockdowns"].values())
@@ -146,6 +149,18 @@ def test_recovery(tmp_path, monkeypatch):
     assert row["refine"] == "laplace" and row["inference"].startswith("SVI + Laplace")
     assert finite(row["auroc_prob_edge"], row["auroc_abs_mean"], row["coverage90_all"], row["edge_slope"])
     assert 0 <= row["coverage50_all"] <= row["coverage90_all"] <= 1
+    assert (tmp_path / "out.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(AT_STABILITY_LIMIT)
+def test_batches(tmp_path, monkeypatch):
+    run_script("batches", "--genes", "5", "--cells", "20", "--likelihood", "gaussian", "--seed", "0",
+               "--config", tiny_config(tmp_path), "--out", "out.json", cwd=tmp_path, monkeypatch=monkeypatch)
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert [row["arm"] for row in rows] == ["batch-free", "modelled", "ignored"]
+    assert [row["batches"] for row in rows] == [1, 3, 3]
+    assert finite(rows[1]["batch_mean_shift_corr"], rows[1]["batch_technical_corr"], rows[0]["coverage90_edges"])
     assert (tmp_path / "out.png").stat().st_size > 0
 
 
