@@ -31,6 +31,8 @@ from .sim.graphs import effect_matrix
 
 # The obs column of each simulated cell's library size, which ``predict`` writes.
 SIMULATED_LIBRARY_KEY = "size_factor"
+# ... and of its batch (a run fitted with batches draws each cell's batch as the screen's were).
+SIMULATED_BATCH_KEY = "batch"
 COLUMNS = ("replicate", "draw", "n_edges", "coverage50_all", "coverage90_all", "coverage50_edges",
            "coverage90_edges", "edge_abs_z_median", "edge_slope", "sign_accuracy")
 
@@ -49,10 +51,12 @@ def replicate_screen(tree, config: RunConfig, record: dict, *, seed: int) -> tup
 def refit_config(config: RunConfig, record: dict, seed: int) -> RunConfig:
     """The run's own settings for a screen drawn from it: the same model and fit, the data read
     as the simulated AnnData holds them (every gene, the run's targets, the simulated library
-    sizes where the run's were observed). No check of its own or cell log-likelihoods."""
+    sizes where the run's were observed, the batches its cells were drawn in where the run has
+    them). No check of its own or cell log-likelihoods."""
     observed = config.model.likelihood != "gaussian" and config.model.library != "latent"
     data = DataConfig(perturbation_key=record["perturbation_key"], control=record["control"], sep=record["sep"],
                       size_factor_key=SIMULATED_LIBRARY_KEY if observed else None,
+                      batch_key=SIMULATED_BATCH_KEY if record.get("batches") else None,
                       targets={label: genes for label, genes in record["targets"].items() if genes} or None)
     return dataclasses.replace(config, data=data).replace(fit={"seed": seed, "ppc": False, "log_likelihood": False})
 

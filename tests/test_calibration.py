@@ -40,6 +40,10 @@ def test_a_replicate_screen_has_the_runs_design_and_one_draw_as_its_truth(tiny_r
     assert refit_config(counts, record, 5).data.size_factor_key == LIBRARY_SIZE_KEY
     assert refit_config(counts.replace(model={"library": "latent"}), record, 5).data.size_factor_key is None
     assert refit_config(config, record, 5).fit.seed == 5 and not refit_config(config, record, 5).fit.ppc
+    # A run with batches draws its replicate cells in batches (obs["batch"]) and refits them with them.
+    assert refit_config(config, record, 5).data.batch_key is None
+    batched = {**record, "batches": ["a", "b"], "cells_per_batch": [3, 4], "batch_key": "lane"}
+    assert refit_config(config, batched, 5).data.batch_key == "batch"
 
 
 def test_calibration_check_scores_each_refit_and_writes_its_table(tiny_run, capsys):
