@@ -20,7 +20,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpyro.infer import MCMC, NUTS
@@ -31,7 +30,7 @@ from lcd_bayes.inference.posterior import derive_globals, draw_globals
 from lcd_bayes.inference.refine import refine_with_laplace, refine_with_nuts
 from lcd_bayes.inference.svi import fit_svi, program
 from lcd_bayes.io.screen import load_perturbation_data
-from lcd_bayes.model.program import CellBatch, lcd_model
+from lcd_bayes.model.program import CellBatch, as_jax, lcd_model
 from lcd_bayes.run import structure_of
 from lcd_bayes.sim.linear import simulate, truth_from_uns
 
@@ -73,7 +72,7 @@ def problem():
 @pytest.fixture(scope="module")
 def nuts(problem):
     model = functools.partial(lcd_model, structure=problem["structure"], config=problem["config"].model)
-    cells = CellBatch(*(jnp.asarray(a) for a in problem["cells"]))
+    cells = as_jax(problem["cells"])
     mcmc = MCMC(NUTS(model, init_strategy=init_to_median), num_warmup=NUTS_WARMUP,
                 num_samples=NUTS_SAMPLES, num_chains=1, progress_bar=False)
     start = time.perf_counter()

@@ -220,7 +220,7 @@ def test_interaction_types_of_the_nonlinear_run(nonlinear_run):
 def test_time_courses_of_the_nonlinear_run(nonlinear_run):
     """Particles from the control's law, run forward under the shift: the trajectory starts at the
     control's stationary law and ends at the condition's (each draw's own laws), cells at every time."""
-    from lcd_bayes.analysis.predict import (_expected_trajectories, condition_offsets, latent_moments,
+    from lcd_bayes.analysis.predict import (_expected_trajectories, batch_effects, condition_offsets, latent_moments,
                                             parse_request, posterior_draws)
 
     adata = predict(nonlinear_run, "G0+G1", n_cells=10, n_draws=4, seed=2, times=[0.0, 20.0])
@@ -233,7 +233,8 @@ def test_time_courses_of_the_nonlinear_run(nonlinear_run):
     request = parse_request(["ctrl", "G0+G1"], record, has_target_law=False)
     key = jax.random.PRNGKey(2)
     # Gaussian run: the expected expression is the latent mean. Rows: ctrl at 0 and 20, G0+G1 at 0 and 20.
-    course = np.asarray(_expected_trajectories(draws, request, key, np.array([0.0, 20.0]), config.model, (0.0, 0.0)))
+    course = np.asarray(_expected_trajectories(draws, request, key, np.array([0.0, 20.0]), config.model, (0.0, 0.0),
+                                               batch_effects(tree["posterior"], record, None, config.model)))
     means, sds = latent_moments(draws, condition_offsets(draws, request, key), key, config.model)
     stationary, tolerance = np.asarray(means).mean(0), 0.15 * float(np.asarray(sds).max())
     for row, law in ((0, 0), (1, 0), (2, 0), (3, 1)):
