@@ -205,8 +205,7 @@ def batch_effects(posterior, record: dict, batch: str | None, model) -> BatchEff
         if batch is not None:
             raise DataError(f"batch {batch!r} was asked for, but this run was fitted without batches; predict "
                             "without a batch (CLI: drop --batch), or refit with a batch key (--batch-key)")
-        n_draws, n_genes = stacked_draws(posterior["drift"]).shape[:2]
-        zeros = jnp.zeros((n_draws, 1, n_genes))
+        zeros = jnp.zeros((posterior.sizes["chain"] * posterior.sizes["draw"], 1, posterior.sizes["gene"]))
         return BatchEffects(zeros, zeros, jnp.ones(1), None)
     if batch is None:
         weights = np.asarray(record["cells_per_batch"], dtype=np.float64)
